@@ -1,0 +1,398 @@
+//! Command line: the subcommands and what each one runs.
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config, StaticDevice};
+use crate::control::{self, Command, StatusReport};
+use crate::daemon::{self, NoLifecycle, ServeOptions};
+use crate::emulator::{self, Module};
+use crate::ports::{self, Registry};
+use crate::pty::Pty;
+
+/// Serial number of the module `serve --demo` emulates.
+pub const DEMO_SERIAL: &str = "11001001FA480000";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lucidgate",
+    version,
+    about = "Device server for LucidControl USB IO modules"
+)]
+pub struct Cli {
+    /// Config file (default /etc/lucidgate/lucidgate.toml; missing means built-in defaults).
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the daemon: serve every LucidControl module that is plugged in.
+    Serve {
+        /// Also serve an emulated AO4 module on a pty (try lucidgate without hardware).
+        #[arg(long)]
+        demo: bool,
+        /// Do not watch udev; serve only [[device]] entries (and --demo).
+        #[arg(long)]
+        no_udev: bool,
+    },
+    /// Show the modules the running daemon serves.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Control socket (default: control_socket of the config).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Print the TCP port a module serial gets (no daemon needed).
+    Port {
+        /// The module's serial number, e.g. 11001001FA480000.
+        serial: String,
+    },
+    /// Work with the config file.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCmd,
+    },
+    /// Emulate a LucidControl module on a pseudo-terminal.
+    Emulate {
+        /// Module class: DI4, DI8, AI4, AI8, RI4, RI8, DO4, DO8, AO4, AO8, DI4DO4 or 4 hex digits.
+        #[arg(long, default_value = "AO4")]
+        class: String,
+        /// 16-hex-digit USB serial (class, type, number); default derived from the class.
+        #[arg(long)]
+        serial: Option<String>,
+        /// Create this symlink to the pty (like socat's link=).
+        #[arg(long, value_name = "PATH")]
+        link: Option<PathBuf>,
+        /// Serve an inherited file descriptor instead of a new pty (for test harnesses).
+        #[arg(long, value_name = "FD", conflicts_with = "link")]
+        fd: Option<i32>,
+        /// Never answer (a hung module).
+        #[arg(long)]
+        silent: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Validate the config and print the effective settings.
+    Check,
+}
+
+/// Parses the command line and runs it; returns the exit code.
+pub fn main() -> Result<i32> {
+    let cli = Cli::parse();
+    crate::logging::init(&cli.log_level);
+    run(cli)
+}
+
+fn load_config(path: &Option<PathBuf>) -> Result<(Config, PathBuf)> {
+    let (p, required) = match path {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(config::DEFAULT_CONFIG_PATH), false),
+    };
+    let cfg = Config::load(&p, required)?;
+    Ok((cfg, p))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Cmd::Serve { demo, no_udev } => {
+            let (mut cfg, path) = load_config(&cli.config)?;
+            tracing::info!(
+                "lucidgate {} starting; config {}",
+                env!("CARGO_PKG_VERSION"),
+                describe_config_path(&path)
+            );
+            let _demo = if demo {
+                Some(start_demo(&mut cfg)?)
+            } else {
+                None
+            };
+            runtime()?.block_on(daemon::serve(
+                cfg,
+                ServeOptions { no_udev },
+                &mut NoLifecycle,
+            ))?;
+            Ok(0)
+        }
+        Cmd::Status { json, socket } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => load_config(&cli.config)?.0.control_socket,
+            };
+            let value = runtime()?.block_on(control::ask(&socket, &Command::Status))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let report: StatusReport =
+                    serde_json::from_value(value).context("reading the daemon's status")?;
+                print!("{}", status_table(&report));
+            }
+            Ok(0)
+        }
+        Cmd::Port { serial } => {
+            let (cfg, _) = load_config(&cli.config)?;
+            if let Err(why) = config::check_serial(&serial) {
+                anyhow::bail!("serial {serial:?} {why}");
+            }
+            let registry = match std::fs::metadata(cfg.state_dir.join(ports::REGISTRY_FILE)) {
+                Ok(_) => Registry::load(&cfg.state_dir)
+                    .map(|(r, _)| r)
+                    .unwrap_or_else(|_| Registry::empty(PathBuf::new())),
+                Err(_) => Registry::empty(PathBuf::new()),
+            };
+            let (port, source) = registry.lookup(&serial, &cfg);
+            println!("{port}");
+            let why = match source {
+                ports::PortSource::Derived => format!(
+                    "derived: {} + {} % {} (ports.base + serial % ports.span)",
+                    cfg.ports.base,
+                    if ports::serial_number(&serial) == ports::fnv1a64(serial.as_bytes()) {
+                        "hash(serial)".to_string()
+                    } else {
+                        format!("0x{serial}")
+                    },
+                    cfg.ports.span
+                ),
+                ports::PortSource::Fixed => format!("fixed in [modules.\"{serial}\"]"),
+                other => format!(
+                    "{other}: remembered in {}",
+                    daemon::registry_path(&cfg).display()
+                ),
+            };
+            eprintln!("{serial}: port {port} ({why})");
+            Ok(0)
+        }
+        Cmd::Config {
+            action: ConfigCmd::Check,
+        } => {
+            let (cfg, path) = load_config(&cli.config)?;
+            println!(
+                "# effective configuration ({})",
+                describe_config_path(&path)
+            );
+            print!("{}", cfg.to_toml());
+            eprintln!("config OK");
+            Ok(0)
+        }
+        Cmd::Emulate {
+            class,
+            serial,
+            link,
+            fd,
+            silent,
+        } => emulate(&class, serial, link, fd, silent),
+    }
+}
+
+fn describe_config_path(path: &Path) -> String {
+    if path.exists() {
+        path.display().to_string()
+    } else {
+        format!("{} not found: built-in defaults", path.display())
+    }
+}
+
+fn module_for(class: &str, serial: Option<String>) -> Result<Module> {
+    let class_id = emulator::parse_class(class).with_context(|| {
+        format!("unknown module class {class:?}; use AO4, DI4, DO4, AI4, ... or 4 hex digits")
+    })?;
+    let serial = serial.unwrap_or_else(|| emulator::default_serial(class_id));
+    let module = Module::from_usb_serial(&serial).with_context(|| {
+        format!(
+            "serial {serial:?} is not 16 hex digits (class, type, number, e.g. 11001001FA480000)"
+        )
+    })?;
+    if module.identity.class != class_id {
+        anyhow::bail!(
+            "serial {serial} starts with class {:04X}, not {class} ({class_id:04X}); the first 4 digits of a LucidControl serial are its class",
+            module.identity.class
+        );
+    }
+    Ok(module)
+}
+
+fn emulate(
+    class: &str,
+    serial: Option<String>,
+    link: Option<PathBuf>,
+    fd: Option<i32>,
+    silent: bool,
+) -> Result<i32> {
+    let mut module = module_for(class, serial)?;
+    module.silent = silent;
+    let usb_serial = module.identity.usb_serial();
+    let shared = emulator::Shared::new(module);
+    let (master, _pty) = match fd {
+        Some(fd) => {
+            if fd < 3 {
+                anyhow::bail!(
+                    "--fd {fd} is stdin/stdout/stderr; pass the inherited pty fd (3 or more)"
+                );
+            }
+            // SAFETY: the caller hands us this descriptor (documented in --help) and nothing
+            // else in this process uses it.
+            (unsafe { OwnedFd::from_raw_fd(fd) }, None)
+        }
+        None => {
+            let mut pty = Pty::open()?;
+            if let Some(l) = &link {
+                pty.link(l)?;
+            }
+            let master = pty
+                .master
+                .try_clone()
+                .context("duplicating the pty master")?;
+            (master, Some(pty))
+        }
+    };
+    let where_ = match &_pty {
+        Some(p) => p.path().display().to_string(),
+        None => format!("fd {}", fd.unwrap_or(-1)),
+    };
+    eprintln!("emulating LucidControl {class} {usb_serial} on {where_}; Ctrl-C stops");
+    // Tell scripts where the module is, on stdout.
+    println!("{where_}");
+    let _ = std::io::stdout().flush();
+    let stop = shared.stop.clone();
+    let rt = runtime()?;
+    let worker = std::thread::spawn(move || emulator::serve_fd(master, shared));
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        Ok::<_, std::io::Error>(())
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    match worker.join() {
+        Ok(r) => r?,
+        Err(_) => anyhow::bail!("the emulator thread panicked"),
+    }
+    Ok(0)
+}
+
+/// What `serve --demo` keeps alive: the emulator's pty and thread.
+pub struct Demo {
+    _pty: Pty,
+    shared: emulator::Shared,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn start_demo(cfg: &mut Config) -> Result<Demo> {
+    let pty = Pty::open()?;
+    let module = module_for("AO4", Some(DEMO_SERIAL.to_string()))?;
+    let shared = emulator::Shared::new(module);
+    let master = pty.master.try_clone()?;
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("demo-module".into())
+        .spawn(move || {
+            if let Err(e) = emulator::serve_fd(master, s) {
+                tracing::error!("demo module stopped: {e:#}");
+            }
+        })?;
+    tracing::info!(
+        "demo: emulated LucidIo AO4 {DEMO_SERIAL} on {}",
+        pty.slave_path.display()
+    );
+    cfg.devices.retain(|d| d.serial != DEMO_SERIAL);
+    cfg.devices.push(StaticDevice {
+        path: pty.slave_path.clone(),
+        serial: DEMO_SERIAL.to_string(),
+        model: "LucidIo_AO4 (demo)".to_string(),
+    });
+    Ok(Demo { _pty: pty, shared })
+}
+
+/// The human-readable status table.
+pub fn status_table(report: &StatusReport) -> String {
+    if report.modules.is_empty() {
+        return "no modules present (plug one in, or try `lucidgate serve --demo`)\n".to_string();
+    }
+    let header = [
+        "SERIAL",
+        "MODEL",
+        "DEVICE",
+        "PORT",
+        "TRANSPORT",
+        "CLIENTS",
+        "STATE",
+        "SINCE",
+    ];
+    let rows: Vec<[String; 8]> = report
+        .modules
+        .iter()
+        .map(|m| {
+            [
+                m.serial.clone(),
+                m.model.clone(),
+                m.devnode.clone(),
+                m.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                m.transport.clone(),
+                match &m.client {
+                    Some(c) => format!("{} ({c})", m.clients),
+                    None => m.clients.to_string(),
+                },
+                match &m.error {
+                    Some(e) => format!("{}: {e}", m.state),
+                    None => m.state.clone(),
+                },
+                m.since.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths.iter())
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i + 1 == cells.len() {
+                    c.to_string()
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}

@@ -1,0 +1,756 @@
+//! Configuration: the TOML file, its embedded defaults and its validation.
+//!
+//! Every field has a default, so `lucidgate serve` runs with no file at all. Parsing is strict
+//! (`deny_unknown_fields`), and every error names the file, the line and the field and says how
+//! to fix it. A [`Config`] that [`Config::load`] returns has been validated as a whole: the
+//! daemon never runs with a half-checked config (a reload that fails keeps the old one).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where `serve`, `status`, `port` and `config check` look for the config by default.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/lucidgate/lucidgate.toml";
+/// A config file larger than this is refused (it is certainly not a lucidgate config).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+/// Longest module serial accepted in config or from udev.
+pub const MAX_SERIAL_LEN: usize = 64;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Addresses the relays listen on. The IPv6 wildcard is bound v6-only, so both wildcards
+    /// can be listed together.
+    pub listen: Vec<IpAddr>,
+    /// Where the port registry (and later the PKI) lives.
+    pub state_dir: PathBuf,
+    /// Unix socket for `lucidgate status`.
+    pub control_socket: PathBuf,
+    pub ports: PortsConfig,
+    pub relay: RelayConfig,
+    pub limits: Limits,
+    /// Match rules in addition to the built-in ones (vendor `deciphe_it`, model `LucidIo*`).
+    #[serde(rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub match_rules: Vec<MatchRule>,
+    /// Turn the built-in match rules off (then only `[[match]]` rules apply).
+    pub builtin_match: bool,
+    /// Per-module overrides, keyed by serial number.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub modules: BTreeMap<String, ModuleOverride>,
+    /// Ttys served although udev does not describe them as modules.
+    #[serde(rename = "device", skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<StaticDevice>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            ],
+            state_dir: PathBuf::from("/var/lib/lucidgate"),
+            control_socket: PathBuf::from("/run/lucidgate/control.sock"),
+            ports: PortsConfig::default(),
+            relay: RelayConfig::default(),
+            limits: Limits::default(),
+            match_rules: Vec::new(),
+            builtin_match: true,
+            modules: BTreeMap::new(),
+            devices: Vec::new(),
+        }
+    }
+}
+
+/// The port rule: `base + serial % span` unless a module has a fixed or remembered port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortsConfig {
+    pub base: u16,
+    pub span: u16,
+}
+
+impl Default for PortsConfig {
+    fn default() -> Self {
+        PortsConfig {
+            base: 4000,
+            span: 1000,
+        }
+    }
+}
+
+/// How relays talk to clients by default; each can be overridden per module.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    pub transport: TransportKind,
+    pub policy: ClientPolicy,
+    /// Line speed set on the serial port (CDC-ACM ignores it; set anyway, as the vendor does).
+    pub baud: u32,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            transport: TransportKind::Plain,
+            policy: ClientPolicy::Exclusive,
+            baud: 115_200,
+        }
+    }
+}
+
+/// The transport a relay speaks to its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    /// Raw bytes over TCP, as ser2net's `raw` mode.
+    Plain,
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransportKind::Plain => "plain",
+        })
+    }
+}
+
+/// What happens when a second client connects to a module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientPolicy {
+    /// The first client keeps the module; later ones are refused until it leaves.
+    Exclusive,
+    /// The newest client wins; the previous one is disconnected.
+    KickOld,
+}
+
+impl fmt::Display for ClientPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClientPolicy::Exclusive => "exclusive",
+            ClientPolicy::KickOld => "kick-old",
+        })
+    }
+}
+
+/// Every bound and timeout of the daemon, with its default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Bytes buffered per direction per session (backpressure beyond that).
+    pub buffer_bytes: usize,
+    /// Connections per module being accepted or refused at once; more wait in the kernel backlog.
+    pub max_pending_per_module: usize,
+    /// A client that sends nothing for this long is disconnected (0: never).
+    pub idle_timeout_secs: u64,
+    /// TCP keepalive idle time for client connections (0: keepalive off).
+    pub keepalive_secs: u64,
+    /// How long a module's relay may take to stop before it is abandoned.
+    pub stop_timeout_ms: u64,
+    /// Pause before retrying a relay that failed to start (port busy, device not openable).
+    pub retry_ms: u64,
+    /// Most modules served at once (udev devices beyond this are refused with a log line).
+    pub max_modules: usize,
+    /// Most control-socket connections handled at once.
+    pub max_control_clients: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            buffer_bytes: 16 * 1024,
+            max_pending_per_module: 16,
+            idle_timeout_secs: 0,
+            keepalive_secs: 60,
+            stop_timeout_ms: 2_000,
+            retry_ms: 1_000,
+            max_modules: 128,
+            max_control_clients: 8,
+        }
+    }
+}
+
+/// One match rule: every field given must match (glob patterns), unset fields match anything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchRule {
+    /// `ID_VENDOR`, e.g. `deciphe_it`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    /// `ID_MODEL`, e.g. `LucidIo*`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `ID_VENDOR_ID` (4 hex digits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vendor_id: Option<String>,
+    /// `ID_MODEL_ID` (4 hex digits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub product_id: Option<String>,
+}
+
+/// `[modules."SERIAL"]`: settings for one module.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModuleOverride {
+    /// A fixed port; never probed away from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `false`: the module is not served even when plugged in.
+    pub enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baud: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ClientPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<TransportKind>,
+}
+
+impl Default for ModuleOverride {
+    fn default() -> Self {
+        ModuleOverride {
+            port: None,
+            enabled: true,
+            baud: None,
+            policy: None,
+            transport: None,
+        }
+    }
+}
+
+/// `[[device]]`: a tty served as a module without udev's word for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticDevice {
+    pub path: PathBuf,
+    pub serial: String,
+    #[serde(default = "StaticDevice::default_model")]
+    pub model: String,
+}
+
+impl StaticDevice {
+    fn default_model() -> String {
+        "static".to_string()
+    }
+}
+
+/// A config that could not be read or is not valid. Its message names the file, the line (where
+/// known) and the field, and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}{hint}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("{location}: {message}")]
+    Invalid { location: String, message: String },
+}
+
+/// The settings a module ends up with after defaults and its override are merged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleSettings {
+    pub enabled: bool,
+    pub fixed_port: Option<u16>,
+    pub baud: u32,
+    pub policy: ClientPolicy,
+    pub transport: TransportKind,
+}
+
+impl Config {
+    /// Loads `path`. With `required == false` a missing file means "all defaults" (the default
+    /// path need not exist); an explicitly named file must exist.
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Config::default());
+            }
+            Err(e) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    hint: if e.kind() == std::io::ErrorKind::NotFound {
+                        " (check the --config path; without --config the embedded defaults are used)"
+                    } else {
+                        ""
+                    },
+                    source: e,
+                });
+            }
+        };
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Invalid {
+                location: path.display().to_string(),
+                message: format!(
+                    "file is {} bytes; a config is at most {MAX_CONFIG_BYTES} bytes (is this the right file?)",
+                    meta.len()
+                ),
+            });
+        }
+        let text = std::fs::read(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            source: e,
+            hint: "",
+        })?;
+        let text = String::from_utf8(text).map_err(|e| ConfigError::Invalid {
+            location: path.display().to_string(),
+            message: format!(
+                "not UTF-8 text (invalid byte at offset {}); save the file as UTF-8",
+                e.utf8_error().valid_up_to()
+            ),
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, origin, &e, None))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            toml_error(text, origin, e.inner(), Some(field))
+        })?;
+        config.validate().map_err(|(table, key, message)| {
+            let line = find_line(text, &table, &key);
+            let field = if table.is_empty() {
+                key.clone()
+            } else {
+                format!("{table}.{key}")
+            };
+            ConfigError::Invalid {
+                location: match line {
+                    Some(l) => format!("{origin}, line {l}, field `{field}`"),
+                    None => format!("{origin}, field `{field}`"),
+                },
+                message,
+            }
+        })?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot; the error is (table, key, message).
+    fn validate(&self) -> Result<(), (String, String, String)> {
+        let err = |t: &str, k: &str, m: String| Err((t.to_string(), k.to_string(), m));
+        if self.listen.is_empty() {
+            return err(
+                "",
+                "listen",
+                "no listen address; use e.g. listen = [\"0.0.0.0\", \"::\"]".into(),
+            );
+        }
+        if self.ports.base == 0 {
+            return err("ports", "base", "must be 1 or more (e.g. 4000)".into());
+        }
+        if self.ports.span == 0 {
+            return err("ports", "span", "must be 1 or more (e.g. 1000)".into());
+        }
+        if self.ports.base as u32 + self.ports.span as u32 - 1 > u16::MAX as u32 {
+            return err(
+                "ports",
+                "span",
+                format!(
+                    "base {} + span {} goes past port 65535; lower base or span",
+                    self.ports.base, self.ports.span
+                ),
+            );
+        }
+        if self.relay.baud == 0 {
+            return err("relay", "baud", "must be more than 0 (e.g. 115200)".into());
+        }
+        let l = &self.limits;
+        if !(64..=1024 * 1024).contains(&l.buffer_bytes) {
+            return err(
+                "limits",
+                "buffer_bytes",
+                format!("{} is outside 64..=1048576", l.buffer_bytes),
+            );
+        }
+        for (key, v) in [
+            ("max_pending_per_module", l.max_pending_per_module),
+            ("max_modules", l.max_modules),
+            ("max_control_clients", l.max_control_clients),
+        ] {
+            if v == 0 {
+                return err("limits", key, "must be 1 or more".into());
+            }
+        }
+        if l.stop_timeout_ms == 0 {
+            return err("limits", "stop_timeout_ms", "must be 1 or more".into());
+        }
+        if l.retry_ms == 0 {
+            return err("limits", "retry_ms", "must be 1 or more".into());
+        }
+        for (i, rule) in self.match_rules.iter().enumerate() {
+            let fields = [&rule.vendor, &rule.model, &rule.vendor_id, &rule.product_id];
+            if fields.iter().all(|f| f.is_none()) {
+                return err(
+                    "match",
+                    "vendor",
+                    format!(
+                        "[[match]] rule #{} has no field; give vendor, model, vendor_id or product_id",
+                        i + 1
+                    ),
+                );
+            }
+            for (key, pat) in [
+                ("vendor", &rule.vendor),
+                ("model", &rule.model),
+                ("vendor_id", &rule.vendor_id),
+                ("product_id", &rule.product_id),
+            ] {
+                if let Some(p) = pat
+                    && let Err(e) = glob::Pattern::new(p)
+                {
+                    return err("match", key, format!("bad pattern {p:?}: {e}"));
+                }
+            }
+        }
+        let mut ports_seen: BTreeMap<u16, &str> = BTreeMap::new();
+        for (serial, m) in &self.modules {
+            let table = format!("modules.\"{serial}\"");
+            if let Err(why) = check_serial(serial) {
+                return err(&table, "", format!("module serial {serial:?} {why}"));
+            }
+            if let Some(port) = m.port {
+                if port == 0 {
+                    return err(&table, "port", "must be 1..=65535".into());
+                }
+                if let Some(other) = ports_seen.insert(port, serial) {
+                    return err(
+                        &table,
+                        "port",
+                        format!(
+                            "port {port} is also given to module {other}; give each module its own port"
+                        ),
+                    );
+                }
+            }
+            if m.baud == Some(0) {
+                return err(&table, "baud", "must be more than 0".into());
+            }
+        }
+        let mut serials_seen = std::collections::BTreeSet::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            if !d.path.is_absolute() {
+                return err(
+                    "device",
+                    "path",
+                    format!(
+                        "[[device]] #{}: path {} must be absolute (e.g. /dev/ttyUSB0)",
+                        i + 1,
+                        d.path.display()
+                    ),
+                );
+            }
+            if let Err(why) = check_serial(&d.serial) {
+                return err(
+                    "device",
+                    "serial",
+                    format!("[[device]] #{}: serial {:?} {why}", i + 1, d.serial),
+                );
+            }
+            if !serials_seen.insert(d.serial.as_str()) {
+                return err(
+                    "device",
+                    "serial",
+                    format!(
+                        "[[device]] #{}: serial {} is listed twice; each device needs its own serial",
+                        i + 1,
+                        d.serial
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings of module `serial`: its override merged over the relay defaults.
+    pub fn module_settings(&self, serial: &str) -> ModuleSettings {
+        let o = self.modules.get(serial).cloned().unwrap_or_default();
+        ModuleSettings {
+            enabled: o.enabled,
+            fixed_port: o.port,
+            baud: o.baud.unwrap_or(self.relay.baud),
+            policy: o.policy.unwrap_or(self.relay.policy),
+            transport: o.transport.unwrap_or(self.relay.transport),
+        }
+    }
+
+    /// The rules devices are matched with: built-in ones (unless turned off) then config's.
+    pub fn effective_match_rules(&self) -> Vec<MatchRule> {
+        let mut rules = Vec::new();
+        if self.builtin_match {
+            rules.push(MatchRule {
+                vendor: Some("deciphe_it".into()),
+                ..Default::default()
+            });
+            rules.push(MatchRule {
+                model: Some("LucidIo*".into()),
+                ..Default::default()
+            });
+        }
+        rules.extend(self.match_rules.iter().cloned());
+        rules
+    }
+
+    /// The effective config as TOML (what `config check` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+/// Is `s` usable as a module serial (in config, in file names, in logs)?
+pub fn check_serial(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("is empty".into());
+    }
+    if s.len() > MAX_SERIAL_LEN {
+        return Err(format!("is longer than {MAX_SERIAL_LEN} characters"));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        return Err(format!(
+            "contains {c:?}; use letters, digits, '-', '_', '.' or ':'"
+        ));
+    }
+    Ok(())
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, col)
+}
+
+fn toml_error(text: &str, origin: &str, e: &toml::de::Error, field: Option<String>) -> ConfigError {
+    let field = field.filter(|f| !f.is_empty() && f != ".");
+    let mut location = origin.to_string();
+    if let Some(span) = e.span() {
+        let (line, col) = line_col(text, span.start);
+        location.push_str(&format!(", line {line}, column {col}"));
+    }
+    if let Some(f) = &field {
+        location.push_str(&format!(", field `{f}`"));
+    }
+    let mut message = e.message().trim().to_string();
+    if message.starts_with("unknown field") {
+        message.push_str(" (remove it or fix its spelling; `lucidgate config check` prints every valid field with its default)");
+    }
+    ConfigError::Invalid { location, message }
+}
+
+/// Best-effort line of `key` in `[table]` (for errors found after parsing).
+fn find_line(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    let mut table_line = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(rest) = line.strip_prefix('[') {
+            let name = rest.trim_start_matches('[');
+            let name = name.split(']').next().unwrap_or("").trim();
+            current = name.to_string();
+            if current == table {
+                table_line = Some(i + 1);
+            }
+            continue;
+        }
+        if current == table && !key.is_empty() {
+            let k = line.split('=').next().unwrap_or("").trim();
+            if k == key {
+                return Some(i + 1);
+            }
+        }
+    }
+    table_line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_of(text: &str) -> String {
+        Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(Config::parse("", "x").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let c = Config::default();
+        assert_eq!(Config::parse(&c.to_toml(), "printed").unwrap(), c);
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::parse(
+            r#"
+listen = ["127.0.0.1"]
+state_dir = "/tmp/lg"
+[ports]
+base = 5000
+span = 100
+[relay]
+policy = "kick-old"
+[[match]]
+vendor_id = "04d8"
+[modules."11001001FA480000"]
+port = 4001
+baud = 9600
+[modules."AAAA"]
+enabled = false
+[[device]]
+path = "/dev/ttyUSB0"
+serial = "DEADBEEF"
+"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.ports.base, 5000);
+        let s = c.module_settings("11001001FA480000");
+        assert_eq!(s.fixed_port, Some(4001));
+        assert_eq!(s.baud, 9600);
+        assert_eq!(s.policy, ClientPolicy::KickOld);
+        assert!(!c.module_settings("AAAA").enabled);
+        assert_eq!(c.effective_match_rules().len(), 3);
+        assert_eq!(c.devices[0].model, "static");
+    }
+
+    /// Every bad input names the line and the field; none panics.
+    #[test]
+    fn bad_inputs_name_line_and_field() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "lisen = []",
+                &["line 1", "unknown field `lisen`", "config check"],
+            ),
+            ("[ports]\nbase = 70000", &["line 2", "`ports.base`"]),
+            ("[ports]\nbase = \"x\"", &["line 2", "`ports.base`"]),
+            (
+                "[ports]\nspan = 0",
+                &["line 2", "`ports.span`", "1 or more"],
+            ),
+            (
+                "[ports]\nbase = 65000\nspan = 1000",
+                &["line 3", "`ports.span`", "65535"],
+            ),
+            ("listen = []", &["line 1", "`listen`"]),
+            ("listen = [\"999.1.1.1\"]", &["line 1", "listen"]),
+            (
+                "[relay]\npolicy = \"shared-ish\"",
+                &["line 2", "`relay.policy`"],
+            ),
+            ("[relay]\nbaud = 0", &["line 2", "`relay.baud`"]),
+            (
+                "[limits]\nbuffer_bytes = 1",
+                &["line 2", "`limits.buffer_bytes`"],
+            ),
+            (
+                "[limits]\nmax_modules = 0",
+                &["line 2", "`limits.max_modules`"],
+            ),
+            ("[limits]\nfoo = 1", &["line 2", "unknown field `foo`"]),
+            ("[[match]]\n", &["`match.vendor`", "no field"]),
+            (
+                "[[match]]\nmodel = \"[\"",
+                &["line 2", "`match.model`", "bad pattern"],
+            ),
+            ("[modules.\"A B\"]\nport = 1", &["line 1", "contains ' '"]),
+            (
+                "[modules.\"AB\"]\nport = 0",
+                &["line 2", "`modules.\"AB\".port`"],
+            ),
+            (
+                "[modules.\"AB\"]\nport = 4001\n[modules.\"CD\"]\nport = 4001",
+                &["line 4", "also given to module AB"],
+            ),
+            (
+                "[modules.\"AB\"]\nprot = 4001",
+                &["line 2", "unknown field `prot`"],
+            ),
+            (
+                "[[device]]\npath = \"dev/x\"\nserial = \"A\"",
+                &["line 2", "absolute"],
+            ),
+            (
+                "[[device]]\npath = \"/dev/x\"",
+                &["line 1", "missing field `serial`"],
+            ),
+            (
+                "[[device]]\npath = \"/dev/x\"\nserial = \"A\"\n[[device]]\npath = \"/dev/y\"\nserial = \"A\"",
+                &["listed twice"],
+            ),
+            ("ports = 3", &["line 1", "`ports`"]),
+            ("[ports\nbase = 1", &["line 1"]),
+            ("= = =", &["line 1"]),
+        ];
+        for (text, wants) in cases {
+            let e = err_of(text);
+            assert!(e.starts_with("test.toml"), "{text:?} -> {e}");
+            for w in *wants {
+                assert!(e.contains(w), "{text:?}: error {e:?} lacks {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let pieces = [
+            "[",
+            "]",
+            "=",
+            "\"",
+            "ports",
+            "base",
+            "1",
+            "\n",
+            "[[device]]",
+            "modules.",
+            "'",
+            "#",
+            "{",
+            "}",
+            ",",
+            "-1",
+            "99999999999999999999",
+            "true",
+            "\u{0}",
+            "é",
+        ];
+        let mut seed = 7u64;
+        for _ in 0..3000 {
+            let mut s = String::new();
+            for _ in 0..(seed % 12) {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                s.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
+            }
+            let _ = Config::parse(&s, "fuzz");
+        }
+    }
+
+    #[test]
+    fn missing_default_file_means_defaults_but_named_file_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("none.toml");
+        assert_eq!(Config::load(&p, false).unwrap(), Config::default());
+        let e = Config::load(&p, true).unwrap_err().to_string();
+        assert!(e.contains("none.toml") && e.contains("--config"), "{e}");
+        std::fs::write(&p, [0xff, 0xfe]).unwrap();
+        let e = Config::load(&p, true).unwrap_err().to_string();
+        assert!(e.contains("UTF-8"), "{e}");
+    }
+}

@@ -1,0 +1,210 @@
+//! The control socket: a unix stream socket (0660) where `lucidgate status` (and later
+//! `reload`) ask the running daemon. One JSON request line, one JSON answer line.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 4096;
+/// A control client must send its request and take its answer within this time.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a control client may ask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Command {
+    Status,
+}
+
+/// One module in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleStatus {
+    pub serial: String,
+    pub serial_source: String,
+    pub model: String,
+    pub vendor: String,
+    pub devnode: String,
+    pub port: Option<u16>,
+    pub port_source: Option<String>,
+    pub transport: String,
+    pub policy: String,
+    pub clients: usize,
+    pub client: Option<String>,
+    /// `serving`, `failed`, `disabled`, `duplicate` or `over-limit`.
+    pub state: String,
+    pub since: Option<String>,
+    pub error: Option<String>,
+    pub sessions: u64,
+    pub refused: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub pid: u32,
+    pub modules: Vec<ModuleStatus>,
+}
+
+/// A request handed to the supervisor, with where to send the answer.
+pub struct Request {
+    pub command: Command,
+    pub reply: oneshot::Sender<serde_json::Value>,
+}
+
+/// Binds the control socket. A stale socket file (no daemon behind it) is replaced; a live one
+/// means another lucidgate is running, which is an error.
+pub async fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "creating {} for the control socket (run as root, or set control_socket in the config)",
+                dir.display()
+            )
+        })?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another lucidgate is already running (its control socket {} answers); stop it first",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale control socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves control clients until `cancel`; removes the socket file when it stops.
+pub fn spawn_server(
+    listener: UnixListener,
+    path: PathBuf,
+    to_supervisor: mpsc::Sender<Request>,
+    max_clients: usize,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let t = tracker.clone();
+    tracker.spawn(async move {
+        let permits = Arc::new(Semaphore::new(max_clients));
+        loop {
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let stream = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!("control socket accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let tx = to_supervisor.clone();
+            t.spawn(async move {
+                let _permit = permit;
+                if let Err(e) = tokio::time::timeout(CONTROL_TIMEOUT, handle(stream, tx)).await {
+                    tracing::debug!("control client timed out: {e}");
+                }
+            });
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+}
+
+async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(rd).take(MAX_REQUEST_BYTES as u64 + 1);
+    let answer = match reader.read_until(b'\n', &mut line).await {
+        Err(e) => serde_json::json!({ "error": format!("reading request: {e}") }),
+        Ok(_) if line.len() > MAX_REQUEST_BYTES => {
+            serde_json::json!({ "error": format!("request longer than {MAX_REQUEST_BYTES} bytes") })
+        }
+        Ok(_) => match serde_json::from_slice::<Command>(&line) {
+            Err(e) => serde_json::json!({
+                "error": format!("bad request: {e}; send one JSON line such as {{\"cmd\":\"status\"}}")
+            }),
+            Ok(command) => {
+                let (reply, rx) = oneshot::channel();
+                if tx.send(Request { command, reply }).await.is_err() {
+                    serde_json::json!({ "error": "daemon is shutting down" })
+                } else {
+                    rx.await.unwrap_or_else(
+                        |_| serde_json::json!({ "error": "daemon is shutting down" }),
+                    )
+                }
+            }
+        },
+    };
+    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+    out.push(b'\n');
+    let _ = wr.write_all(&out).await;
+    let _ = wr.shutdown().await;
+}
+
+/// Sends `command` to the daemon at `path` and returns its answer.
+pub async fn ask(path: &Path, command: &Command) -> Result<serde_json::Value> {
+    let stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e) => anyhow::bail!(
+            "lucidgate is not running (cannot connect to its control socket {}: {e}); start it with `lucidgate serve` or `systemctl start lucidgate`, or pass --config/--socket if it uses another socket",
+            path.display()
+        ),
+    };
+    let (rd, mut wr) = stream.into_split();
+    let mut req = serde_json::to_vec(command)?;
+    req.push(b'\n');
+    let exchange = async {
+        wr.write_all(&req).await?;
+        let mut line = String::new();
+        BufReader::new(rd).read_line(&mut line).await?;
+        Ok::<_, std::io::Error>(line)
+    };
+    let line = tokio::time::timeout(CONTROL_TIMEOUT, exchange)
+        .await
+        .context("the daemon did not answer in time")?
+        .with_context(|| format!("talking to {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&line).context("the daemon's answer is not JSON")?;
+    if let Some(err) = value.get("error").and_then(|e| e.as_str()) {
+        anyhow::bail!("the daemon refused the request: {err}");
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_strictly() {
+        assert_eq!(
+            serde_json::from_str::<Command>(r#"{"cmd":"status"}"#).unwrap(),
+            Command::Status
+        );
+        for bad in [r#"{"cmd":"shutdown"}"#, "status", "", "{}"] {
+            assert!(serde_json::from_str::<Command>(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! The supervisor: turns device events into running relays.
+//!
+//! It owns the module table (present devices, running relays, recent failures) and the port
+//! registry; nobody else changes them. Every input — a udev event, a relay that ended, a static
+//! device appearing, a retry timer — updates what is *present*, then one reconcile step compares
+//! what should run (present, enabled modules and their [`RelaySpec`]s) with what runs, and stops,
+//! restarts or starts relays to match. Nothing is patched in place, so a reload (later) is just
+//! another reconcile with a new config.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, StaticDevice};
+use crate::control::{self, Command, ModuleStatus, StatusReport};
+use crate::device::watch::{self, WatchMsg};
+use crate::device::{Action, DeviceEvent, Matcher, ModuleInfo, SerialSource};
+use crate::ports::{PortSource, Registry};
+use crate::relay::{self, ExitReason, RelayExit, RelayHandle, RelaySpec};
+use crate::state;
+use crate::transport::Transport;
+
+/// How often configured `[[device]]` paths are checked for appearing and vanishing.
+pub const STATIC_DEVICE_POLL: Duration = Duration::from_millis(250);
+/// Queue between the udev thread and the supervisor.
+const WATCH_QUEUE: usize = 256;
+/// Queue of control requests waiting for the supervisor.
+const CONTROL_QUEUE: usize = 16;
+/// Prefix of the syspath-like key of static devices.
+const STATIC_PREFIX: &str = "config:";
+
+struct Running {
+    handle: RelayHandle,
+    info: ModuleInfo,
+    source: PortSource,
+}
+
+/// What should run (serial → device and spec) and why other present devices do not.
+type Desired = (
+    BTreeMap<String, (ModuleInfo, RelaySpec)>,
+    BTreeMap<PathBuf, &'static str>,
+);
+
+struct Failure {
+    reason: String,
+    at: Instant,
+}
+
+/// Hooks the daemon calls at points of its life (systemd notify plugs in here).
+pub trait Lifecycle: Send {
+    /// Config loaded, state usable, udev subscribed, present modules' listeners bound.
+    fn ready(&mut self, _status: &str) {}
+    /// The served set changed.
+    fn status(&mut self, _status: &str) {}
+    fn stopping(&mut self) {}
+}
+
+/// A lifecycle that does nothing.
+pub struct NoLifecycle;
+impl Lifecycle for NoLifecycle {}
+
+/// The module table and everything that changes it.
+pub struct Supervisor {
+    config: Arc<Config>,
+    matcher: Matcher,
+    registry: Registry,
+    /// Present devices by syspath (udev) or `config:PATH` (static).
+    devices: BTreeMap<PathBuf, ModuleInfo>,
+    relays: BTreeMap<String, Running>,
+    failures: BTreeMap<String, Failure>,
+    generation: u64,
+    exits_tx: mpsc::Sender<RelayExit>,
+    exits_rx: mpsc::Receiver<RelayExit>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Supervisor {
+    pub fn new(
+        config: Arc<Config>,
+        registry: Registry,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        let (exits_tx, exits_rx) = mpsc::channel(64);
+        Supervisor {
+            matcher: Matcher::new(&config.effective_match_rules()),
+            config,
+            registry,
+            devices: BTreeMap::new(),
+            relays: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            generation: 0,
+            exits_tx,
+            exits_rx,
+            cancel,
+            tracker,
+        }
+    }
+
+    fn on_device(&mut self, ev: DeviceEvent) {
+        match ev.action {
+            Action::Add | Action::Change => match self.matcher.identify(&ev) {
+                Some(info) => {
+                    let known = self.devices.get(&ev.syspath);
+                    if known != Some(&info) {
+                        if info.serial_source == SerialSource::UsbPath {
+                            warn!(serial = %info.serial, devnode = %info.devnode.display(),
+                                "module has no serial number; serving it on a port derived from its USB path (it changes if the module moves to another USB socket)");
+                        }
+                        info!(serial = %info.serial, model = %info.model, devnode = %info.devnode.display(), event = "plugged",
+                            "module {} ({}) present at {}", info.serial, info.model, info.devnode.display());
+                        self.failures.remove(&info.serial);
+                        self.devices.insert(ev.syspath.clone(), info);
+                    }
+                }
+                None => {
+                    // A change that makes a device stop matching is a removal.
+                    if let Some(info) = self.devices.remove(&ev.syspath) {
+                        info!(serial = %info.serial, devnode = %info.devnode.display(), event = "unplugged",
+                            "module {} no longer matches the rules; stopping", info.serial);
+                    }
+                }
+            },
+            Action::Remove => {
+                if let Some(info) = self.devices.remove(&ev.syspath) {
+                    info!(serial = %info.serial, model = %info.model, devnode = %info.devnode.display(), event = "unplugged",
+                        "module {} unplugged", info.serial);
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, exit: RelayExit) {
+        let current = self
+            .relays
+            .get(&exit.serial)
+            .is_some_and(|r| r.handle.generation == exit.generation);
+        if !current {
+            return;
+        }
+        let running = self.relays.remove(&exit.serial).expect("checked above");
+        if let ExitReason::DeviceGone(why) = exit.reason {
+            warn!(serial = %exit.serial, port = running.handle.port, devnode = %running.info.devnode.display(), event = "device-lost",
+                "module {} stopped answering on {}: {why}; waiting for it to come back", exit.serial, running.info.devnode.display());
+            self.failures.insert(
+                exit.serial,
+                Failure {
+                    reason: format!("device lost: {why}"),
+                    at: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// Static devices appear when their path exists and vanish when it does not.
+    fn poll_static(&mut self) {
+        for dev in self.config.devices.clone() {
+            let key = PathBuf::from(format!("{STATIC_PREFIX}{}", dev.path.display()));
+            let present = dev.path.exists();
+            let known = self.devices.contains_key(&key);
+            if present && !known {
+                let info = static_info(&dev, key.clone());
+                info!(serial = %info.serial, devnode = %dev.path.display(), event = "plugged",
+                    "static device {} present at {}", info.serial, dev.path.display());
+                self.failures.remove(&info.serial);
+                self.devices.insert(key, info);
+            } else if !present
+                && known
+                && let Some(info) = self.devices.remove(&key)
+            {
+                info!(serial = %info.serial, devnode = %dev.path.display(), event = "unplugged",
+                    "static device {} gone from {}", info.serial, dev.path.display());
+            }
+        }
+    }
+
+    fn spec_for(&self, info: &ModuleInfo) -> RelaySpec {
+        let s = self.config.module_settings(&info.serial);
+        let mut spec = RelaySpec {
+            serial: info.serial.clone(),
+            devnode: info.devnode.clone(),
+            fixed_port: s.fixed_port,
+            listen: self.config.listen.clone(),
+            baud: s.baud,
+            policy: s.policy,
+            transport: s.transport,
+            buffer_bytes: 0,
+            idle_timeout: None,
+            keepalive: Duration::ZERO,
+            max_pending: 1,
+        };
+        spec.limits_from(&self.config.limits);
+        spec
+    }
+
+    /// What should run: serial → (device, spec), and why other present devices do not run.
+    fn desired(&self) -> Desired {
+        let mut want = BTreeMap::new();
+        let mut not = BTreeMap::new();
+        for (key, info) in &self.devices {
+            if !self.config.module_settings(&info.serial).enabled {
+                not.insert(key.clone(), "disabled");
+            } else if want.contains_key(&info.serial) {
+                not.insert(key.clone(), "duplicate");
+            } else if want.len() >= self.config.limits.max_modules {
+                not.insert(key.clone(), "over-limit");
+            } else {
+                want.insert(info.serial.clone(), (info.clone(), self.spec_for(info)));
+            }
+        }
+        (want, not)
+    }
+
+    async fn reconcile(&mut self) {
+        let (desired, _) = self.desired();
+        let stop_timeout = Duration::from_millis(self.config.limits.stop_timeout_ms);
+        let stale: Vec<String> = self
+            .relays
+            .iter()
+            .filter(|(serial, r)| {
+                r.handle.is_finished()
+                    || desired.get(*serial).is_none_or(|(info, spec)| {
+                        *spec != r.handle.spec || info.syspath != r.info.syspath
+                    })
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        for serial in stale {
+            let r = self.relays.remove(&serial).expect("listed above");
+            let why = if desired.contains_key(&serial) {
+                "settings changed"
+            } else {
+                "module gone"
+            };
+            info!(serial = %serial, port = r.handle.port, event = "relay-stopped", "stopping relay for {serial} on port {} ({why})", r.handle.port);
+            r.handle.stop(stop_timeout).await;
+        }
+        self.failures
+            .retain(|serial, _| desired.contains_key(serial));
+        let retry = Duration::from_millis(self.config.limits.retry_ms);
+        for (serial, (info, spec)) in desired {
+            if self.relays.contains_key(&serial) {
+                continue;
+            }
+            if self
+                .failures
+                .get(&serial)
+                .is_some_and(|f| f.at.elapsed() < retry)
+            {
+                continue;
+            }
+            match self.start(&info, spec) {
+                Ok(running) => {
+                    self.failures.remove(&serial);
+                    self.relays.insert(serial, running);
+                }
+                Err(e) => {
+                    error!(serial = %serial, devnode = %info.devnode.display(), event = "relay-failed",
+                        "cannot serve module {serial}: {e:#}; retrying in {retry:?}");
+                    self.failures.insert(
+                        serial,
+                        Failure {
+                            reason: format!("{e:#}"),
+                            at: Instant::now(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, info: &ModuleInfo, spec: RelaySpec) -> Result<Running> {
+        let in_use: BTreeSet<u16> = self.relays.values().map(|r| r.handle.port).collect();
+        let listen = spec.listen.clone();
+        let (port, source, listeners) =
+            self.registry
+                .assign(&spec.serial, &self.config, &in_use, |p| {
+                    relay::listen::bind_all(&listen, p)
+                })?;
+        let serial_port = relay::open_serial(&spec.devnode, spec.baud)?;
+        self.generation += 1;
+        let transport = match spec.transport {
+            crate::config::TransportKind::Plain => Transport::Plain,
+        };
+        let handle = relay::start(
+            spec,
+            port,
+            self.generation,
+            listeners,
+            serial_port,
+            transport,
+            &self.cancel,
+            &self.tracker,
+            self.exits_tx.clone(),
+        )?;
+        let addrs: Vec<String> = self
+            .config
+            .listen
+            .iter()
+            .map(|a| relay::display_addr(a, port))
+            .collect();
+        info!(serial = %info.serial, model = %info.model, devnode = %info.devnode.display(), port, port_source = %source, event = "serving",
+            "serving module {} ({}) from {} on {} (port {source})", info.serial, info.model, info.devnode.display(), addrs.join(", "));
+        Ok(Running {
+            handle,
+            info: info.clone(),
+            source,
+        })
+    }
+
+    /// The status of every present module.
+    pub fn status(&self) -> StatusReport {
+        let (_, not) = self.desired();
+        let mut modules = Vec::new();
+        for (key, info) in &self.devices {
+            let settings = self.config.module_settings(&info.serial);
+            let mut m = ModuleStatus {
+                serial: info.serial.clone(),
+                serial_source: serde_json::to_value(info.serial_source)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                model: info.model.clone(),
+                vendor: info.vendor.clone(),
+                devnode: info.devnode.display().to_string(),
+                port: None,
+                port_source: None,
+                transport: settings.transport.to_string(),
+                policy: settings.policy.to_string(),
+                clients: 0,
+                client: None,
+                state: "starting".into(),
+                since: None,
+                error: None,
+                sessions: 0,
+                refused: 0,
+                bytes_up: 0,
+                bytes_down: 0,
+            };
+            if let Some(reason) = not.get(key) {
+                m.state = reason.to_string();
+            } else if let Some(r) = self
+                .relays
+                .get(&info.serial)
+                .filter(|r| r.info.syspath == *key)
+            {
+                let st = &r.handle.stats;
+                use std::sync::atomic::Ordering::Relaxed;
+                m.state = "serving".into();
+                m.port = Some(r.handle.port);
+                m.port_source = Some(r.source.to_string());
+                m.clients = st.clients.load(Relaxed);
+                m.client = st.client.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                m.since = Some(humantime::format_rfc3339_seconds(r.handle.since).to_string());
+                m.sessions = st.sessions.load(Relaxed);
+                m.refused = st.refused.load(Relaxed);
+                m.bytes_up = st.traffic.bytes_up.load(Relaxed);
+                m.bytes_down = st.traffic.bytes_down.load(Relaxed);
+            } else if let Some(f) = self.failures.get(&info.serial) {
+                m.state = "failed".into();
+                m.error = Some(f.reason.clone());
+            }
+            modules.push(m);
+        }
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            modules,
+        }
+    }
+
+    fn summary(&self) -> String {
+        let served: Vec<String> = self
+            .relays
+            .iter()
+            .map(|(s, r)| format!("{s}:{}", r.handle.port))
+            .collect();
+        format!("{} modules served: {}", served.len(), served.join(" "))
+    }
+
+    /// Runs until `cancel`: the event loop of the daemon.
+    pub async fn run(
+        mut self,
+        mut watch_rx: mpsc::Receiver<WatchMsg>,
+        watch_done: bool,
+        mut control_rx: mpsc::Receiver<control::Request>,
+        lifecycle: &mut dyn Lifecycle,
+    ) -> Result<()> {
+        let mut enumerated = watch_done;
+        let mut ready = false;
+        let mut last_summary = String::new();
+        let cancel = self.cancel.clone();
+        let mut watch_open = !watch_done;
+        // One interval for the whole loop: a sleep made anew each turn would never fire while
+        // other events (e.g. frequent status requests) keep the loop busy.
+        let mut tick = tokio::time::interval(STATIC_DEVICE_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if !ready && enumerated {
+                self.poll_static();
+                self.reconcile().await;
+                last_summary = self.summary();
+                lifecycle.ready(&last_summary);
+                info!(event = "ready", "ready: {last_summary}");
+                ready = true;
+            }
+            let need_tick = !self.config.devices.is_empty() || !self.failures.is_empty();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                msg = watch_rx.recv(), if watch_open => match msg {
+                    Some(WatchMsg::Device(ev)) => self.on_device(ev),
+                    Some(WatchMsg::Enumerated) => { enumerated = true; continue; }
+                    None => {
+                        watch_open = false;
+                        enumerated = true;
+                        warn!("the udev watch ended; hotplug no longer works");
+                    }
+                },
+                Some(exit) = self.exits_rx.recv() => self.on_exit(exit),
+                Some(req) = control_rx.recv() => {
+                    let answer = match req.command {
+                        Command::Status => serde_json::to_value(self.status()).unwrap_or_default(),
+                    };
+                    let _ = req.reply.send(answer);
+                    continue;
+                }
+                _ = tick.tick(), if need_tick => self.poll_static(),
+            }
+            if ready {
+                self.reconcile().await;
+                let summary = self.summary();
+                if summary != last_summary {
+                    lifecycle.status(&summary);
+                    last_summary = summary;
+                }
+            }
+        }
+        lifecycle.stopping();
+        info!(
+            event = "stopping",
+            "shutting down: stopping {} relays",
+            self.relays.len()
+        );
+        let stop_timeout = Duration::from_millis(self.config.limits.stop_timeout_ms);
+        // The root token is cancelled, so all relays are stopping at once; wait for each.
+        for (_, r) in std::mem::take(&mut self.relays) {
+            r.handle.stop(stop_timeout).await;
+        }
+        Ok(())
+    }
+}
+
+fn static_info(dev: &StaticDevice, key: PathBuf) -> ModuleInfo {
+    ModuleInfo {
+        serial: dev.serial.clone(),
+        serial_source: SerialSource::Config,
+        model: dev.model.clone(),
+        vendor: "static".into(),
+        devnode: dev.path.clone(),
+        syspath: key,
+    }
+}
+
+/// Options of `lucidgate serve` beyond the config.
+#[derive(Debug, Default, Clone)]
+pub struct ServeOptions {
+    /// Do not watch udev (only `[[device]]` entries are served).
+    pub no_udev: bool,
+}
+
+/// Runs the daemon until SIGINT/SIGTERM: state, control socket, udev watch, supervisor.
+pub async fn serve(
+    config: Config,
+    opts: ServeOptions,
+    lifecycle: &mut dyn Lifecycle,
+) -> Result<()> {
+    let config = Arc::new(config);
+    state::ensure_private_dir(&config.state_dir)?;
+    let (registry, warnings) = Registry::load(&config.state_dir)?;
+    for w in warnings {
+        warn!("{w}");
+    }
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let listener = control::bind(&config.control_socket).await?;
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    control::spawn_server(
+        listener,
+        config.control_socket.clone(),
+        control_tx,
+        config.limits.max_control_clients,
+        cancel.clone(),
+        &tracker,
+    );
+
+    let (watch_tx, watch_rx) = mpsc::channel(WATCH_QUEUE);
+    let mut watch_done = opts.no_udev;
+    let _watch_thread = if opts.no_udev {
+        drop(watch_tx);
+        None
+    } else {
+        match watch::spawn(&["tty"], watch_tx) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                warn!(
+                    "udev is not available ({e:#}); hotplug is off, only [[device]] entries are served"
+                );
+                watch_done = true;
+                None
+            }
+        }
+    };
+
+    spawn_signal_handler(cancel.clone())?;
+    let supervisor = Supervisor::new(config.clone(), registry, cancel.clone(), tracker.clone());
+    let result = supervisor
+        .run(watch_rx, watch_done, control_rx, lifecycle)
+        .await;
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("some tasks did not finish within 5 s of shutdown");
+    }
+    let _ = std::fs::remove_file(&config.control_socket);
+    info!("stopped");
+    result
+}
+
+fn spawn_signal_handler(cancel: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+            _ = cancel.cancelled() => return,
+        }
+        cancel.cancel();
+    });
+    Ok(())
+}
+
+/// Path of the state dir's port registry (for `lucidgate port`).
+pub fn registry_path(config: &Config) -> PathBuf {
+    config.state_dir.join(crate::ports::REGISTRY_FILE)
+}

@@ -1,0 +1,21 @@
+//! lucidgate: a device server for LucidControl USB IO modules.
+//!
+//! `lucidgate serve` watches udev and serves each module on a TCP port derived from its serial
+//! number. The data flow is one way: [`device`] turns udev events into owned events, the
+//! [`daemon`] supervisor reconciles them into running [`relay`]s on ports from [`ports`], each
+//! relay talking to its clients through a [`transport`]. [`control`] answers `status`.
+//! [`emulator`] is a module on a pty, for tests, the benchmark and `lucidgate emulate`.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod device;
+pub mod emulator;
+pub mod logging;
+pub mod ports;
+pub mod protocol;
+pub mod pty;
+pub mod relay;
+pub mod state;
+pub mod transport;

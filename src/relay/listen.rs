@@ -1,0 +1,166 @@
+//! Binding a module's listeners and the accept loop that feeds its relay.
+//!
+//! Listeners are bound synchronously by the supervisor (so a busy port is known at once and can
+//! be probed away from), then handed to the relay. The accept loop takes a permit from a
+//! semaphore *before* accepting (as mini-redis does), so a connection flood waits in the
+//! kernel's backlog instead of growing memory.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::transport::{Accepted, Transport};
+
+/// Kernel backlog of each listener.
+pub const LISTEN_BACKLOG: i32 = 128;
+/// First pause after a failed accept (e.g. out of file descriptors); doubles up to the max.
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Time a transport handshake may take (TLS uses it; plain is immediate).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds `port` on every address of `addrs`. Fails if any address cannot be bound, so a
+/// module is either reachable on all configured addresses or not started; an IPv6 address on
+/// a host without IPv6 is skipped with a warning instead.
+pub fn bind_all(addrs: &[IpAddr], port: u16) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        match bind_one(SocketAddr::new(*addr, port)) {
+            Ok(l) => out.push(l),
+            Err(e)
+                if addr.is_ipv6()
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                    ) =>
+            {
+                tracing::warn!(%addr, port, "IPv6 is not available here, not listening on {addr}: {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if out.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            "none of the listen addresses could be bound",
+        ));
+    }
+    Ok(out)
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // So "0.0.0.0" and "::" can both be listed without colliding.
+        socket.set_only_v6(true)?;
+    }
+    // Rebinding right after an unplug must not wait for TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Socket options for a client connection: no Nagle delay, keepalive for half-open peers.
+pub fn tune_client(tcp: &TcpStream, keepalive: Duration) {
+    let _ = tcp.set_nodelay(true);
+    if !keepalive.is_zero() {
+        let ka = TcpKeepalive::new()
+            .with_time(keepalive)
+            .with_interval(keepalive / 4 + Duration::from_secs(1))
+            .with_retries(4);
+        let _ = SockRef::from(tcp).set_tcp_keepalive(&ka);
+    }
+}
+
+/// A connection that passed the transport, with the permit it holds until the relay decides.
+pub struct Incoming {
+    pub client: Accepted,
+    pub _permit: OwnedSemaphorePermit,
+}
+
+/// Accept settings.
+#[derive(Clone)]
+pub struct AcceptConfig {
+    pub transport: Transport,
+    pub keepalive: Duration,
+    pub max_pending: usize,
+}
+
+/// Runs one accept loop per listener until `cancel`; connections that pass the transport are
+/// sent to `tx`. Tasks are tracked by `tracker`.
+pub fn spawn_acceptors(
+    listeners: Vec<std::net::TcpListener>,
+    cfg: AcceptConfig,
+    tx: mpsc::Sender<Incoming>,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> io::Result<()> {
+    let permits = Arc::new(Semaphore::new(cfg.max_pending));
+    let mut tokio_listeners = Vec::with_capacity(listeners.len());
+    for l in listeners {
+        tokio_listeners.push(TcpListener::from_std(l)?);
+    }
+    for listener in tokio_listeners {
+        let (cfg, tx, cancel, permits, t) = (
+            cfg.clone(),
+            tx.clone(),
+            cancel.clone(),
+            permits.clone(),
+            tracker.clone(),
+        );
+        tracker.spawn(async move {
+            let mut backoff = ACCEPT_BACKOFF_START;
+            loop {
+                let permit = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                };
+                let (tcp, peer) = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = listener.accept() => match r {
+                        Ok(x) => { backoff = ACCEPT_BACKOFF_START; x }
+                        Err(e) => {
+                            tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                _ = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                            continue;
+                        }
+                    },
+                };
+                tune_client(&tcp, cfg.keepalive);
+                let (transport, tx, cancel) = (cfg.transport.clone(), tx.clone(), cancel.clone());
+                t.spawn(async move {
+                    let accepted = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = transport.accept(tcp, peer, HANDSHAKE_TIMEOUT) => r,
+                    };
+                    match accepted {
+                        Ok(client) => {
+                            let _ = tx
+                                .send(Incoming {
+                                    client,
+                                    _permit: permit,
+                                })
+                                .await;
+                        }
+                        Err(e) => tracing::warn!(peer = %peer, event = "client-refused", "{e}"),
+                    }
+                });
+            }
+        });
+    }
+    Ok(())
+}

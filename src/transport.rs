@@ -1,0 +1,76 @@
+//! The transport seam between a relay and its clients.
+//!
+//! A relay accepts TCP connections and hands each to its [`Transport`], which turns it into a
+//! [`ClientStream`] (or refuses it). Plain TCP passes the socket through; TLS (its own module)
+//! slots in as another variant, so the relay's pump and client policy never know which one
+//! they talk to.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::config::TransportKind;
+
+/// A connected client's byte stream, whatever the transport.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
+
+/// A client that passed the transport's checks.
+pub struct Accepted {
+    pub stream: Box<dyn ClientStream>,
+    pub peer: SocketAddr,
+    /// The client's name (certificate subject) where the transport authenticates clients.
+    pub name: Option<String>,
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted")
+            .field("peer", &self.peer)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// Why a connection was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("handshake with {peer} did not finish within {timeout:?}")]
+    Timeout { peer: SocketAddr, timeout: Duration },
+    #[error("handshake with {peer} failed: {source}")]
+    Handshake { peer: SocketAddr, source: io::Error },
+}
+
+/// How a relay talks to its clients.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    /// Raw bytes over TCP.
+    Plain,
+}
+
+impl Transport {
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            Transport::Plain => TransportKind::Plain,
+        }
+    }
+
+    /// Completes the transport's handshake on a fresh connection.
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        _timeout: Duration,
+    ) -> Result<Accepted, TransportError> {
+        match self {
+            Transport::Plain => Ok(Accepted {
+                stream: Box::new(tcp),
+                peer,
+                name: None,
+            }),
+        }
+    }
+}

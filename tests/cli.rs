@@ -1,0 +1,112 @@
+//! The command line without a daemon: config check, port, status errors, emulate.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+#[test]
+fn config_check_prints_defaults_without_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("lucidgate.toml");
+    std::fs::write(&cfg, "").unwrap();
+    let out = run(&["-c", cfg.to_str().unwrap(), "config", "check"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "base = 4000",
+        "span = 1000",
+        "state_dir = \"/var/lib/lucidgate\"",
+        "policy = \"exclusive\"",
+    ] {
+        assert!(text.contains(want), "{want} missing in:\n{text}");
+    }
+}
+
+#[test]
+fn config_errors_name_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "listen = [\"127.0.0.1\"]\n\n[ports]\nbase = 70000\n").unwrap();
+    let out = run(&["-c", cfg.to_str().unwrap(), "config", "check"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("line 4") && err.contains("ports.base"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+
+    let missing = dir.path().join("nope.toml");
+    let out = run(&["-c", missing.to_str().unwrap(), "serve"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nope.toml") && err.contains("--config"),
+        "{err}"
+    );
+}
+
+#[test]
+fn port_prints_the_rule_and_honours_overrides() {
+    let out = run(&["port", AO4]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4216");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("derived"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, format!("[modules.\"{AO4}\"]\nport = 4001\n")).unwrap();
+    let out = run(&["-c", cfg.to_str().unwrap(), "port", AO4]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4001");
+
+    let out = run(&["port", "../etc"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("serial"));
+}
+
+#[test]
+fn status_without_a_daemon_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("none.sock");
+    let out = run(&["status", "--socket", sock.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not running") && err.contains("none.sock"),
+        "{err}"
+    );
+}
+
+#[test]
+fn emulate_serves_a_module_on_its_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("emu");
+    let emu = Emulator::start(&link, "DI4", "00001001000000AA");
+    // Talk to it as a serial client would: open the link, raw bytes.
+    let mut port = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&link)
+        .unwrap();
+    use std::io::{Read, Write};
+    port.write_all(&GET_ID).unwrap();
+    let mut buf = [0u8; 18];
+    port.read_exact(&mut buf).unwrap();
+    assert_eq!(buf.to_vec(), get_id_answer("00001001000000AA"));
+    drop(port);
+    assert!(emu.stop().success());
+    assert!(!link.exists(), "link removed on exit");
+
+    let out = run(&["emulate", "--class", "XX9"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown module class"));
+    let out = run(&["emulate", "--class", "AO4", "--serial", "00001001000000AA"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("class"));
+}

@@ -1,0 +1,474 @@
+//! Shared helpers of the end-to-end tests: a real `lucidgate serve` process, a umockdev test bed
+//! with emulated modules behind it, `lucidgate emulate` on ptys, and real clients (std TCP and
+//! socat). Nothing here mocks lucidgate's own logic.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use lucidgate::protocol::Answer;
+use serde_json::Value;
+
+/// How long a test waits for something that should take milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub const AO4: &str = "11001001FA480000";
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lucidgate"))
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Fails with the fix when a system tool the tests need is missing.
+pub fn require_tool(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed: run ./scripts/test (it installs the test packages) or see README"
+    );
+}
+
+/// Polls `f` until it returns `Some` or PATIENCE runs out.
+pub fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running `lucidgate serve` with its own config, state dir and control socket.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub base: u16,
+}
+
+impl Daemon {
+    /// Writes a config (loopback only, ports from `base`) plus `extra` and starts the daemon;
+    /// under `bed`'s umockdev preload when given. Returns once `status` answers.
+    pub fn start(base: u16, extra: &str, bed: Option<&Umockdev>) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, base, extra, bed)
+    }
+
+    /// Like [`start`], reusing a directory (and so the state) of an earlier daemon.
+    pub fn start_in(
+        dir: tempfile::TempDir,
+        base: u16,
+        extra: &str,
+        bed: Option<&Umockdev>,
+    ) -> Daemon {
+        let config = dir.path().join("lucidgate.toml");
+        let state = dir.path().join("state");
+        let sock = dir.path().join("control.sock");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra}\n[ports]\nbase = {base}\nspan = 1000\n",
+                state.display(),
+                sock.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("daemon.log");
+        let mut d = Daemon {
+            child: None,
+            dir,
+            config,
+            log,
+            base,
+        };
+        d.spawn(bed, &[]);
+        d
+    }
+
+    fn spawn(&mut self, bed: Option<&Umockdev>, args: &[&str]) {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = match bed {
+            Some(b) => {
+                let mut c = Command::new("umockdev-wrapper");
+                c.arg(bin()).env("UMOCKDEV_DIR", &b.root);
+                c
+            }
+            None => {
+                let mut c = Command::new(bin());
+                c.arg("--log-level").arg("debug");
+                c
+            }
+        };
+        cmd.arg("-c")
+            .arg(&self.config)
+            .arg("serve")
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf);
+        if bed.is_none() {
+            cmd.arg("--no-udev");
+        }
+        self.child = Some(cmd.spawn().expect("starting lucidgate serve"));
+        let start = Instant::now();
+        loop {
+            if self.try_status().is_some() {
+                break;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "lucidgate serve exited with {st} during start:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "daemon not ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the daemon again (after [`stop`]) with the same config and state.
+    pub fn restart(&mut self, bed: Option<&Umockdev>) {
+        assert!(self.child.is_none(), "stop the daemon first");
+        self.spawn(bed, &[]);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn try_status(&self) -> Option<Value> {
+        let out = self.cli(&["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("status failed; daemon log:\n{}", self.log()))
+    }
+
+    pub fn module(&self, serial: &str) -> Option<Value> {
+        self.status()["modules"]
+            .as_array()?
+            .iter()
+            .find(|m| m["serial"] == serial)
+            .cloned()
+    }
+
+    /// Waits until `serial` is served and returns its port.
+    pub fn wait_serving(&self, serial: &str) -> u16 {
+        let start = Instant::now();
+        loop {
+            if let Some(m) = self.module(serial)
+                && m["state"] == "serving"
+            {
+                return m["port"].as_u64().unwrap() as u16;
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{serial} not served; status {}\nlog:\n{}",
+                self.status(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until `serial` is absent from status.
+    pub fn wait_absent(&self, serial: &str) {
+        wait_until(&format!("{serial} to leave status"), || {
+            self.module(serial).is_none().then_some(())
+        });
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "daemon did not stop on SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Open file descriptors of the daemon process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Tasks (threads) of the daemon process.
+    pub fn thread_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .unwrap()
+            .count()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A umockdev test bed run by `tests/common/umockdev_harness.py`.
+pub struct Umockdev {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub root: String,
+}
+
+impl Umockdev {
+    pub fn start() -> Umockdev {
+        require_tool("umockdev-wrapper");
+        let mut child = Command::new("umockdev-wrapper")
+            .arg("/usr/bin/python3")
+            .arg(repo().join("tests/common/umockdev_harness.py"))
+            .arg(bin())
+            .arg(repo().join("tests/fixtures/lucidio-ao4.umockdev"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the umockdev harness");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let root = line
+            .strip_prefix("root ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "harness did not start (python3-gi, gir1.2-umockdev-1.0 installed?): {line:?}"
+                )
+            })
+            .trim()
+            .to_string();
+        Umockdev {
+            child,
+            stdin,
+            stdout,
+            root,
+        }
+    }
+
+    fn call(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).unwrap();
+        let answer = answer.trim().to_string();
+        assert!(answer.starts_with("ok"), "harness: {line} -> {answer}");
+        answer.trim_start_matches("ok").trim().to_string()
+    }
+
+    /// Adds a module (`quiet`: no uevent, i.e. present before the daemon starts); returns its
+    /// syspath.
+    pub fn add(
+        &mut self,
+        idx: u32,
+        serial: &str,
+        vendor: &str,
+        model: &str,
+        quiet: bool,
+    ) -> String {
+        self.call(&format!(
+            "add {idx} {serial} {vendor} {model}{}",
+            if quiet { " quiet" } else { "" }
+        ))
+    }
+
+    pub fn add_module(&mut self, idx: u32, serial: &str) -> String {
+        self.add(idx, serial, "deciphe_it", "LucidIo_AO4", false)
+    }
+
+    pub fn change(&mut self, syspath: &str, props: &[(&str, &str)]) {
+        let kv: Vec<String> = props.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.call(&format!("change {syspath} {}", kv.join(" ")));
+    }
+
+    pub fn remove(&mut self, syspath: &str) {
+        self.call(&format!("remove {syspath}"));
+    }
+}
+
+impl Drop for Umockdev {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.stdin.flush();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `lucidgate emulate --link PATH` as a child process: a module on a pty.
+pub struct Emulator {
+    child: Child,
+    pub link: PathBuf,
+}
+
+impl Emulator {
+    pub fn start(link: &Path, class: &str, serial: &str) -> Emulator {
+        Self::start_with(link, class, serial, &[])
+    }
+
+    pub fn start_with(link: &Path, class: &str, serial: &str, extra: &[&str]) -> Emulator {
+        let child = Command::new(bin())
+            .args(["emulate", "--class", class, "--serial", serial, "--link"])
+            .arg(link)
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting lucidgate emulate");
+        wait_until("the emulator's link", || link.exists().then_some(()));
+        Emulator {
+            child,
+            link: link.to_path_buf(),
+        }
+    }
+
+    /// Pulls the plug: SIGKILL, the pty master closes, the daemon sees a hang-up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.link);
+    }
+
+    /// Stops cleanly (SIGTERM): the link is removed by the emulator itself.
+    pub fn stop(mut self) -> ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects to a relay on loopback.
+pub fn connect(port: u16) -> TcpStream {
+    let s = wait_until(&format!("port {port} to accept"), || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Reads one LucidControl answer frame from `s`.
+pub fn read_answer(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 300];
+    loop {
+        if let Ok(n) = Answer::check(&buf) {
+            assert_eq!(n, buf.len(), "more bytes than one answer: {buf:02X?}");
+            return Ok(buf);
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Sends one request on `s` and reads its answer.
+pub fn ask(s: &mut TcpStream, req: &[u8]) -> Vec<u8> {
+    s.write_all(req).unwrap();
+    read_answer(s).expect("an answer")
+}
+
+/// GetId and GetIo request bytes.
+pub const GET_ID: [u8; 4] = [0xC0, 0x00, 0x00, 0x00];
+pub const GET_IO_UV: [u8; 4] = [0x46, 0x00, 0x1D, 0x00];
+
+/// The GetId answer the emulator gives for `serial` (fw 0x0104, hw 2).
+pub fn get_id_answer(serial: &str) -> Vec<u8> {
+    let m = lucidgate::emulator::Module::from_usb_serial(serial).unwrap();
+    let mut out = vec![0x00, 0x10];
+    out.extend(m.identity.encode());
+    out
+}
+
+/// Sends `req` with a real socat client (`socat - TCP:127.0.0.1:PORT`) and returns what came back.
+pub fn socat_exchange(port: u16, req: &[u8]) -> Vec<u8> {
+    require_tool("socat");
+    let mut child = Command::new("socat")
+        .args(["-t", "2", "-", &format!("TCP:127.0.0.1:{port}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(req).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "socat failed: {out:?}");
+    out.stdout
+}

@@ -1,0 +1,217 @@
+//! `lucidgate serve` with modules on ptys (`lucidgate emulate` + `[[device]]`): the unplug paths
+//! umockdev cannot simulate (a hang-up mid-session), client policies, shutdown.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn static_device(link: &std::path::Path, serial: &str) -> String {
+    format!(
+        "[[device]]\npath = \"{}\"\nserial = \"{serial}\"\n",
+        link.display()
+    )
+}
+
+#[test]
+fn unplug_mid_session_ends_the_client_and_replug_serves_the_same_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("lio0");
+    let emu = Emulator::start(&link, "AO4", AO4);
+    let d = Daemon::start(31000, &static_device(&link, AO4), None);
+    let port = d.wait_serving(AO4);
+    assert_eq!(port, 31216);
+    assert_eq!(d.module(AO4).unwrap()["serial_source"], "config");
+
+    let mut c = connect(port);
+    assert_eq!(ask(&mut c, &GET_ID), get_id_answer(AO4));
+    // Half a request is in flight when the module vanishes.
+    c.write_all(&GET_IO_UV[..2]).unwrap();
+    emu.kill();
+    let mut buf = [0u8; 16];
+    let t0 = Instant::now();
+    let r = c.read(&mut buf);
+    assert!(matches!(r, Ok(0)), "client should see EOF, got {r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    d.wait_absent(AO4);
+
+    // The daemon is fine and serves the module again on the same port when it comes back.
+    let _emu = Emulator::start(&link, "AO4", AO4);
+    assert_eq!(d.wait_serving(AO4), port);
+    let mut c = connect(port);
+    assert_eq!(ask(&mut c, &GET_IO_UV), vec![0x00, 0x04, 0, 0, 0, 0]);
+    assert!(
+        d.log().contains("device-lost") || d.log().contains("gone"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn exclusive_policy_refuses_a_second_client_until_the_first_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("lio0");
+    let _emu = Emulator::start(&link, "AO4", AO4);
+    let d = Daemon::start(32000, &static_device(&link, AO4), None);
+    let port = d.wait_serving(AO4);
+    let mut first = connect(port);
+    assert_eq!(ask(&mut first, &GET_ID), get_id_answer(AO4));
+    let m = d.module(AO4).unwrap();
+    assert_eq!(m["clients"], 1);
+    assert!(m["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+
+    let mut second = connect(port);
+    second.write_all(&GET_ID).unwrap();
+    let mut buf = [0u8; 32];
+    assert!(
+        matches!(second.read(&mut buf), Ok(0) | Err(_)),
+        "second client refused"
+    );
+    // The first client is undisturbed.
+    assert_eq!(ask(&mut first, &GET_ID), get_id_answer(AO4));
+    wait_until("refusal logged", || {
+        d.log().contains("client-refused").then_some(())
+    });
+    assert!(d.log().contains("in use by 127.0.0.1:"), "{}", d.log());
+    assert_eq!(d.module(AO4).unwrap()["refused"], 1);
+
+    drop(first);
+    wait_until("first client gone", || {
+        (d.module(AO4).unwrap()["clients"] == 0).then_some(())
+    });
+    let mut third = connect(port);
+    assert_eq!(ask(&mut third, &GET_ID), get_id_answer(AO4));
+}
+
+#[test]
+fn kick_old_policy_lets_the_newest_client_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("lio0");
+    let _emu = Emulator::start(&link, "AO4", AO4);
+    let extra = format!(
+        "{}[modules.\"{AO4}\"]\npolicy = \"kick-old\"\n",
+        static_device(&link, AO4)
+    );
+    let d = Daemon::start(33000, &extra, None);
+    let port = d.wait_serving(AO4);
+    let mut old = connect(port);
+    assert_eq!(ask(&mut old, &GET_ID), get_id_answer(AO4));
+    let mut new = connect(port);
+    assert_eq!(ask(&mut new, &GET_ID), get_id_answer(AO4));
+    let mut buf = [0u8; 8];
+    assert!(
+        matches!(old.read(&mut buf), Ok(0) | Err(_)),
+        "old client kicked"
+    );
+    assert_eq!(ask(&mut new, &GET_IO_UV)[..2], [0x00, 0x04]);
+}
+
+#[test]
+fn scripted_clients_that_half_close_get_their_answers_back_to_back() {
+    // `printf … | socat - TCP:…` half-closes right after sending: the answer must still arrive,
+    // and the next scripted call must not be refused while the previous one lingers.
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("lio0");
+    let _emu = Emulator::start(&link, "AI4", "01001001FA480001");
+    let d = Daemon::start(34000, &static_device(&link, "01001001FA480001"), None);
+    let port = d.wait_serving("01001001FA480001");
+    for _ in 0..3 {
+        assert_eq!(
+            socat_exchange(port, &GET_IO_UV),
+            vec![0x00, 0x04, 0x5E, 0xCC, 0x1A, 0x00],
+            "the protocol doc's GetIo example"
+        );
+    }
+}
+
+#[test]
+fn sigterm_closes_clients_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("lio0");
+    let _emu = Emulator::start(&link, "AO4", AO4);
+    let mut d = Daemon::start(35000, &static_device(&link, AO4), None);
+    let port = d.wait_serving(AO4);
+    let mut c = connect(port);
+    assert_eq!(ask(&mut c, &GET_ID), get_id_answer(AO4));
+    let sock = d.dir.path().join("control.sock");
+    assert!(sock.exists());
+    let st = d.stop();
+    assert!(st.success(), "exit status {st}");
+    let mut buf = [0u8; 8];
+    assert!(matches!(c.read(&mut buf), Ok(0) | Err(_)));
+    assert!(!sock.exists(), "control socket removed on exit");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    // The emulator's port was released: it can be opened again at once.
+    d.restart(None);
+    assert_eq!(d.wait_serving(AO4), port);
+}
+
+#[test]
+fn a_silent_module_does_not_hang_the_daemon_or_other_modules() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l1, l2) = (dir.path().join("lio0"), dir.path().join("lio1"));
+    let _hung = Emulator::start_with(&l1, "AO4", AO4, &["--silent"]);
+    let _ok = Emulator::start(&l2, "AO4", "11001001FA480001");
+    let extra = format!(
+        "{}{}",
+        static_device(&l1, AO4),
+        static_device(&l2, "11001001FA480001")
+    );
+    let d = Daemon::start(36000, &extra, None);
+    let (p1, p2) = (d.wait_serving(AO4), d.wait_serving("11001001FA480001"));
+    let mut c1 = connect(p1);
+    c1.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    c1.write_all(&GET_ID).unwrap();
+    assert!(
+        read_answer(&mut c1).is_err(),
+        "no answer from a hung module"
+    );
+    let mut c2 = connect(p2);
+    let t0 = Instant::now();
+    for _ in 0..100 {
+        assert_eq!(ask(&mut c2, &GET_IO_UV)[..2], [0x00, 0x04]);
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(d.status()["modules"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn disabled_module_is_listed_but_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("lio0");
+    let _emu = Emulator::start(&link, "AO4", AO4);
+    let extra = format!(
+        "{}[modules.\"{AO4}\"]\nenabled = false\n",
+        static_device(&link, AO4)
+    );
+    let d = Daemon::start(37000, &extra, None);
+    let m = wait_until("module listed", || d.module(AO4));
+    assert_eq!(m["state"], "disabled");
+    assert!(m["port"].is_null());
+}
+
+#[test]
+fn fixed_port_override_and_busy_port_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("lio0");
+    let _emu = Emulator::start(&link, "AO4", AO4);
+    // Another program holds the fixed port.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:38001").unwrap();
+    let extra = format!(
+        "{}[modules.\"{AO4}\"]\nport = 38001\n",
+        static_device(&link, AO4)
+    );
+    let d = Daemon::start(38000, &extra, None);
+    let m = wait_until("failure reported", || {
+        d.module(AO4).filter(|m| m["state"] == "failed")
+    });
+    let err = m["error"].as_str().unwrap();
+    assert!(err.contains("38001") && err.contains("busy"), "{err}");
+    // Freed: the retry picks it up.
+    drop(blocker);
+    assert_eq!(d.wait_serving(AO4), 38001);
+    assert_eq!(d.module(AO4).unwrap()["port_source"], "fixed");
+}
