@@ -60,6 +60,11 @@ pub enum Cmd {
         /// The module's serial number, e.g. 11001001FA480000.
         serial: String,
     },
+    /// Manage the built-in CA and client certificates.
+    Cert {
+        #[command(subcommand)]
+        action: CertCmd,
+    },
     /// Work with the config file.
     Config {
         #[command(subcommand)]
@@ -82,6 +87,49 @@ pub enum Cmd {
         /// Never answer (a hung module).
         #[arg(long)]
         silent: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// Issue a client certificate: NAME.key, NAME.crt, NAME.pem (key + cert, for socat's cert=)
+    /// and ca.crt in --out.
+    IssueClient {
+        /// The client's name (certificate CN; shown in logs and status).
+        name: String,
+        /// Modules the client may use (serials, comma-separated).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            conflicts_with = "all",
+            required_unless_present = "all"
+        )]
+        modules: Vec<String>,
+        /// The client may use every module.
+        #[arg(long)]
+        all: bool,
+        /// Reading only: writes (SetIo, SetParam, ...) are refused by the protocol-aware relay.
+        #[arg(long)]
+        read_only: bool,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Directory to write the files to (created 0700 if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Revoke client certificates by name or serial; a running daemon refuses them at once.
+    Revoke {
+        /// Client name or certificate serial (hex).
+        who: String,
+    },
+    /// Show the CA, the server certificate and the issued client certificates.
+    List,
+    /// Make a new CA; client certificates of the old one stay valid for the overlap.
+    RotateCa {
+        /// How long the old CA stays trusted, e.g. "30d".
+        #[arg(long, default_value = "30d")]
+        overlap: String,
     },
 }
 
@@ -202,7 +250,100 @@ pub fn run(cli: Cli) -> Result<i32> {
             fd,
             silent,
         } => emulate(&class, serial, link, fd, silent),
+        Cmd::Cert { action } => {
+            let (cfg, _) = load_config(&cli.config)?;
+            cert(&cfg, action)
+        }
     }
+}
+
+fn cert(cfg: &Config, action: CertCmd) -> Result<i32> {
+    let clock = crate::clock::SystemClock::from_env();
+    let settings = crate::ca::PkiSettings::from_config(cfg);
+    let pki = crate::ca::Pki::open(&cfg.state_dir, settings, &clock)?;
+    let changed = match action {
+        CertCmd::IssueClient {
+            name,
+            modules,
+            all,
+            read_only,
+            days,
+            out,
+        } => {
+            let rights = crate::ca::Rights {
+                modules: if all { vec!["*".to_string()] } else { modules },
+                read_only,
+            };
+            let b = pki.issue_client(&name, &rights, days)?;
+            crate::state::ensure_private_dir(&out)?;
+            let key = out.join(format!("{name}.key"));
+            crate::state::write_atomic(&key, b.key_pem.as_bytes(), 0o600)?;
+            crate::state::write_atomic(
+                &out.join(format!("{name}.crt")),
+                b.cert_pem.as_bytes(),
+                0o644,
+            )?;
+            crate::state::write_atomic(
+                &out.join(format!("{name}.pem")),
+                format!("{}{}", b.key_pem, b.cert_pem).as_bytes(),
+                0o600,
+            )?;
+            crate::state::write_atomic(&out.join("ca.crt"), b.ca_pem.as_bytes(), 0o644)?;
+            println!(
+                "issued {name} (serial {}, valid until {}, modules {}{}) in {}",
+                b.serial,
+                humantime::format_rfc3339_seconds(b.not_after),
+                rights.modules.join(","),
+                if read_only { ", read-only" } else { "" },
+                out.display()
+            );
+            println!(
+                "use it: socat - openssl-connect:HOST:PORT,cert={},cafile={}",
+                out.join(format!("{name}.pem")).display(),
+                out.join("ca.crt").display()
+            );
+            false
+        }
+        CertCmd::Revoke { who } => {
+            for c in pki.revoke(&who)? {
+                println!(
+                    "revoked {} (serial {})",
+                    if c.name.is_empty() {
+                        "certificate"
+                    } else {
+                        &c.name
+                    },
+                    c.serial
+                );
+            }
+            true
+        }
+        CertCmd::List => {
+            print!("{}", pki.list()?);
+            false
+        }
+        CertCmd::RotateCa { overlap } => {
+            let d =
+                config::parse_duration(&overlap).map_err(|e| anyhow::anyhow!("--overlap {e}"))?;
+            pki.rotate_ca(d)?;
+            println!(
+                "rotated the CA; the previous CA stays trusted for {overlap}. Reissue client certificates and hand out the new ca.crt ({}).",
+                pki.paths().ca_crt().display()
+            );
+            true
+        }
+    };
+    drop(pki);
+    if changed && cfg.control_socket.exists() {
+        // Tell a running daemon; it also notices by itself at its next PKI check.
+        match runtime()?.block_on(control::ask(&cfg.control_socket, &Command::ReloadPki)) {
+            Ok(_) => eprintln!("the running daemon re-read the PKI"),
+            Err(e) => eprintln!(
+                "note: could not tell the daemon ({e:#}); it picks the change up at its next PKI check"
+            ),
+        }
+    }
+    Ok(0)
 }
 
 fn describe_config_path(path: &Path) -> String {

@@ -32,6 +32,7 @@ pub struct Config {
     pub control_socket: PathBuf,
     pub ports: PortsConfig,
     pub relay: RelayConfig,
+    pub tls: TlsConfig,
     pub limits: Limits,
     /// Match rules in addition to the built-in ones (vendor `deciphe_it`, model `LucidIo*`).
     #[serde(rename = "match", skip_serializing_if = "Vec::is_empty")]
@@ -57,6 +58,7 @@ impl Default for Config {
             control_socket: PathBuf::from("/run/lucidgate/control.sock"),
             ports: PortsConfig::default(),
             relay: RelayConfig::default(),
+            tls: TlsConfig::default(),
             limits: Limits::default(),
             match_rules: Vec::new(),
             builtin_match: true,
@@ -96,7 +98,7 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
-            transport: TransportKind::Plain,
+            transport: TransportKind::Mtls,
             policy: ClientPolicy::Exclusive,
             baud: 115_200,
         }
@@ -107,13 +109,25 @@ impl Default for RelayConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TransportKind {
+    /// TLS with client certificates (mutual authentication): the default.
+    Mtls,
+    /// TLS, server authentication only: any client that trusts the CA may connect.
+    Tls,
     /// Raw bytes over TCP, as ser2net's `raw` mode.
     Plain,
+}
+
+impl TransportKind {
+    pub fn is_tls(self) -> bool {
+        self != TransportKind::Plain
+    }
 }
 
 impl fmt::Display for TransportKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            TransportKind::Mtls => "mtls",
+            TransportKind::Tls => "tls",
             TransportKind::Plain => "plain",
         })
     }
@@ -138,6 +152,53 @@ impl fmt::Display for ClientPolicy {
     }
 }
 
+/// The built-in CA and the server certificate (or an external PKI).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Lifetime of the server certificate (renewed automatically), e.g. "30d".
+    pub server_cert_lifetime: String,
+    /// Renew the server certificate when this fraction of its life has passed.
+    pub renew_fraction: f64,
+    /// Lifetime of the built-in CA, e.g. "3650d".
+    pub ca_lifetime: String,
+    /// Extra DNS names for the server certificate (hostname, hostname.local, localhost and the
+    /// current addresses are always in it).
+    pub names: Vec<String>,
+    /// Extra IP addresses for the server certificate.
+    pub ips: Vec<IpAddr>,
+    /// Bring your own PKI: the CA bundle that signs client certificates ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// ... and the server certificate chain and key (key must be mode 0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            server_cert_lifetime: "30d".into(),
+            renew_fraction: 2.0 / 3.0,
+            ca_lifetime: "3650d".into(),
+            names: Vec::new(),
+            ips: Vec::new(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+/// Parses a duration such as "30d", "12h", "90s".
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("{s:?} is not a duration ({e}); write e.g. \"30d\", \"12h\" or \"90s\"")
+    })
+}
+
 /// Every bound and timeout of the daemon, with its default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -158,6 +219,10 @@ pub struct Limits {
     pub max_modules: usize,
     /// Most control-socket connections handled at once.
     pub max_control_clients: usize,
+    /// A TLS handshake must finish within this time (slow or stuck peers are cut).
+    pub handshake_timeout_ms: u64,
+    /// TLS handshakes in progress at once, across all modules.
+    pub max_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -171,6 +236,8 @@ impl Default for Limits {
             retry_ms: 1_000,
             max_modules: 128,
             max_control_clients: 8,
+            handshake_timeout_ms: 10_000,
+            max_handshakes: 64,
         }
     }
 }
@@ -208,6 +275,10 @@ pub struct ModuleOverride {
     pub policy: Option<ClientPolicy>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport: Option<TransportKind>,
+    /// Only these client names (certificate CN) may use the module; overrides the rights in
+    /// client certificates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
 }
 
 impl Default for ModuleOverride {
@@ -218,6 +289,7 @@ impl Default for ModuleOverride {
             baud: None,
             policy: None,
             transport: None,
+            allow: None,
         }
     }
 }
@@ -260,6 +332,7 @@ pub struct ModuleSettings {
     pub baud: u32,
     pub policy: ClientPolicy,
     pub transport: TransportKind,
+    pub allow: Option<Vec<String>>,
 }
 
 impl Config {
@@ -378,6 +451,49 @@ impl Config {
                 return err("limits", key, "must be 1 or more".into());
             }
         }
+        if l.handshake_timeout_ms == 0 {
+            return err("limits", "handshake_timeout_ms", "must be 1 or more".into());
+        }
+        if l.max_handshakes == 0 {
+            return err("limits", "max_handshakes", "must be 1 or more".into());
+        }
+        let t = &self.tls;
+        for (key, v) in [
+            ("server_cert_lifetime", &t.server_cert_lifetime),
+            ("ca_lifetime", &t.ca_lifetime),
+        ] {
+            match parse_duration(v) {
+                Err(m) => return err("tls", key, m),
+                Ok(d) if d.as_secs() < 2 => {
+                    return err("tls", key, format!("{v:?} is too short (2s at least)"));
+                }
+                Ok(_) => {}
+            }
+        }
+        if !(0.05..=0.95).contains(&t.renew_fraction) {
+            return err(
+                "tls",
+                "renew_fraction",
+                format!("{} is outside 0.05..=0.95", t.renew_fraction),
+            );
+        }
+        for n in &t.names {
+            if n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+            {
+                return err("tls", "names", format!("{n:?} is not a DNS name"));
+            }
+        }
+        let ext = [&t.ca_file, &t.cert_file, &t.key_file];
+        if ext.iter().any(|f| f.is_some()) && !ext.iter().all(|f| f.is_some()) {
+            return err(
+                "tls",
+                "ca_file",
+                "an external PKI needs all three of ca_file, cert_file and key_file".into(),
+            );
+        }
         if l.stop_timeout_ms == 0 {
             return err("limits", "stop_timeout_ms", "must be 1 or more".into());
         }
@@ -477,7 +593,17 @@ impl Config {
             baud: o.baud.unwrap_or(self.relay.baud),
             policy: o.policy.unwrap_or(self.relay.policy),
             transport: o.transport.unwrap_or(self.relay.transport),
+            allow: o.allow,
         }
+    }
+
+    /// Whether any module may be served over TLS (then the PKI is needed).
+    pub fn uses_tls(&self) -> bool {
+        self.relay.transport.is_tls()
+            || self
+                .modules
+                .values()
+                .any(|m| m.transport.is_some_and(TransportKind::is_tls))
     }
 
     /// The rules devices are matched with: built-in ones (unless turned off) then config's.

@@ -24,6 +24,8 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Command {
     Status,
+    /// Re-read the PKI (after `lucidgate cert ...` changed it).
+    ReloadPki,
 }
 
 /// One module in `status`.

@@ -18,14 +18,25 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, StaticDevice};
+use crate::ca::{Pki, PkiSettings};
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Config, StaticDevice, TransportKind};
 use crate::control::{self, Command, ModuleStatus, StatusReport};
 use crate::device::watch::{self, WatchMsg};
 use crate::device::{Action, DeviceEvent, Matcher, ModuleInfo, SerialSource};
 use crate::ports::{PortSource, Registry};
 use crate::relay::{self, ExitReason, RelayExit, RelayHandle, RelaySpec};
 use crate::state;
+use crate::tls::{TlsAccept, TlsState};
 use crate::transport::Transport;
+use tokio::sync::Notify;
+
+/// How often the PKI looks at the device's addresses (a changed address gets a new server cert).
+pub const PKI_ADDRESS_CHECK: Duration = Duration::from_secs(60);
+/// Pause before retrying a PKI refresh that failed (e.g. the clock is not set yet).
+pub const PKI_RETRY: Duration = Duration::from_secs(10);
+/// Shortest pause between PKI refreshes.
+const PKI_MIN_WAIT: Duration = Duration::from_millis(100);
 
 /// How often configured `[[device]]` paths are checked for appearing and vanishing.
 pub const STATIC_DEVICE_POLL: Duration = Duration::from_millis(250);
@@ -80,6 +91,8 @@ pub struct Supervisor {
     exits_rx: mpsc::Receiver<RelayExit>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    tls: Arc<TlsState>,
+    pki_reload: Arc<Notify>,
 }
 
 impl Supervisor {
@@ -88,6 +101,8 @@ impl Supervisor {
         registry: Registry,
         cancel: CancellationToken,
         tracker: TaskTracker,
+        tls: Arc<TlsState>,
+        pki_reload: Arc<Notify>,
     ) -> Self {
         let (exits_tx, exits_rx) = mpsc::channel(64);
         Supervisor {
@@ -102,6 +117,8 @@ impl Supervisor {
             exits_rx,
             cancel,
             tracker,
+            tls,
+            pki_reload,
         }
     }
 
@@ -288,8 +305,26 @@ impl Supervisor {
         let serial_port = relay::open_serial(&spec.devnode, spec.baud)?;
         self.generation += 1;
         let transport = match spec.transport {
-            crate::config::TransportKind::Plain => Transport::Plain,
+            TransportKind::Plain => Transport::Plain,
+            kind => {
+                if let Some(why) = self.tls.not_ready() {
+                    anyhow::bail!("TLS is not available: {why}");
+                }
+                Transport::Tls(TlsAccept {
+                    state: self.tls.clone(),
+                    mutual: kind == TransportKind::Mtls,
+                    module: spec.serial.clone(),
+                    allow: self.config.module_settings(&spec.serial).allow,
+                })
+            }
         };
+        match spec.transport {
+            TransportKind::Plain => warn!(serial = %info.serial, event = "insecure-transport",
+                "module {} is served as plain TCP (transport = \"plain\"): anyone who can reach port {port} can use it", info.serial),
+            TransportKind::Tls => warn!(serial = %info.serial, event = "insecure-transport",
+                "module {} is served over TLS without client certificates (transport = \"tls\"): any client can use it", info.serial),
+            TransportKind::Mtls => {}
+        }
         let handle = relay::start(
             spec,
             port,
@@ -428,6 +463,10 @@ impl Supervisor {
                 Some(req) = control_rx.recv() => {
                     let answer = match req.command {
                         Command::Status => serde_json::to_value(self.status()).unwrap_or_default(),
+                        Command::ReloadPki => {
+                            self.pki_reload.notify_one();
+                            serde_json::json!({ "ok": true })
+                        }
                     };
                     let _ = req.reply.send(answer);
                     continue;
@@ -520,8 +559,40 @@ pub async fn serve(
         }
     };
 
+    let clock: SharedClock = Arc::new(SystemClock::from_env());
+    let tls = TlsState::new(clock.clone(), config.limits.max_handshakes);
+    let pki_reload = Arc::new(Notify::new());
+    if config.uses_tls() {
+        let settings = PkiSettings::from_config(&config);
+        match refresh_pki(&config.state_dir, &settings, &clock, &tls) {
+            Ok(()) => {}
+            Err(e) if crate::clock::implausible(clock.now()).is_some() => {
+                warn!("TLS relays wait for the clock: {e:#}");
+            }
+            Err(e) => return Err(e.context("loading the PKI")),
+        }
+        spawn_pki_task(
+            config.state_dir.clone(),
+            settings,
+            clock,
+            tls.clone(),
+            pki_reload.clone(),
+            cancel.clone(),
+            &tracker,
+        );
+    } else {
+        tls.set_unavailable("no module uses TLS".into());
+    }
+
     spawn_signal_handler(cancel.clone())?;
-    let supervisor = Supervisor::new(config.clone(), registry, cancel.clone(), tracker.clone());
+    let supervisor = Supervisor::new(
+        config.clone(),
+        registry,
+        cancel.clone(),
+        tracker.clone(),
+        tls,
+        pki_reload,
+    );
     let result = supervisor
         .run(watch_rx, watch_done, control_rx, lifecycle)
         .await;
@@ -536,6 +607,92 @@ pub async fn serve(
     let _ = std::fs::remove_file(&config.control_socket);
     info!("stopped");
     result
+}
+
+/// Brings the PKI up to date and publishes it to the relays; returns when to look again.
+fn refresh_pki(
+    state_dir: &std::path::Path,
+    settings: &PkiSettings,
+    clock: &SharedClock,
+    tls: &TlsState,
+) -> Result<()> {
+    refresh_pki_next(state_dir, settings, clock, tls).map(|_| ())
+}
+
+fn refresh_pki_next(
+    state_dir: &std::path::Path,
+    settings: &PkiSettings,
+    clock: &SharedClock,
+    tls: &TlsState,
+) -> Result<Duration> {
+    let result =
+        Pki::open(state_dir, settings.clone(), clock.as_ref()).and_then(|pki| pki.refresh());
+    match result {
+        Ok((material, rotated)) => {
+            let before = tls.server_serial();
+            tls.publish(&material)?;
+            if rotated && !before.is_empty() {
+                info!(
+                    event = "cert-rotated",
+                    "server certificate rotated: serial {before} -> {}", material.server_serial
+                );
+            }
+            let wait = material
+                .next_check
+                .duration_since(clock.now())
+                .unwrap_or_default()
+                .clamp(PKI_MIN_WAIT, PKI_ADDRESS_CHECK);
+            Ok(wait)
+        }
+        Err(e) => {
+            tls.set_unavailable(format!("{e:#}"));
+            Err(e)
+        }
+    }
+}
+
+/// The PKI task: renews the server certificate, follows address changes and CA overlaps, and
+/// re-reads the PKI when `lucidgate cert ...` asks for it.
+fn spawn_pki_task(
+    state_dir: PathBuf,
+    settings: PkiSettings,
+    clock: SharedClock,
+    tls: Arc<TlsState>,
+    reload: Arc<Notify>,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    tracker.spawn(async move {
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = reload.notified() => info!(event = "pki-reload", "re-reading the PKI"),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let (d, s, c, t) = (
+                state_dir.clone(),
+                settings.clone(),
+                clock.clone(),
+                tls.clone(),
+            );
+            let r = tokio::task::spawn_blocking(move || refresh_pki_next(&d, &s, &c, &t)).await;
+            wait = match r {
+                Ok(Ok(w)) => w,
+                Ok(Err(e)) => {
+                    error!(
+                        event = "pki-error",
+                        "PKI refresh failed: {e:#}; retrying in {PKI_RETRY:?}"
+                    );
+                    PKI_RETRY
+                }
+                Err(e) => {
+                    error!("PKI task failed: {e}");
+                    PKI_RETRY
+                }
+            };
+        }
+    });
 }
 
 fn spawn_signal_handler(cancel: CancellationToken) -> Result<()> {

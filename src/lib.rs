@@ -3,10 +3,13 @@
 //! `lucidgate serve` watches udev and serves each module on a TCP port derived from its serial
 //! number. The data flow is one way: [`device`] turns udev events into owned events, the
 //! [`daemon`] supervisor reconciles them into running [`relay`]s on ports from [`ports`], each
-//! relay talking to its clients through a [`transport`]. [`control`] answers `status`.
+//! relay talking to its clients through a [`transport`] (plain or [`tls`], with
+//! certificates from the built-in CA in [`ca`]). [`control`] answers `status`.
 //! [`emulator`] is a module on a pty, for tests, the benchmark and `lucidgate emulate`.
 
+pub mod ca;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -18,4 +21,5 @@ pub mod protocol;
 pub mod pty;
 pub mod relay;
 pub mod state;
+pub mod tls;
 pub mod transport;

@@ -5,7 +5,9 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global subscriber. `level` is used when `RUST_LOG` is not set.
 pub fn init(level: &str) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+        // rustls' own warnings (e.g. a client sending an IP address as SNI) are not the
+        // operator's business; lucidgate logs every refused peer itself.
+        .or_else(|_| EnvFilter::try_new(format!("{level},rustls=error")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::config::TransportKind;
+use crate::tls::TlsAccept;
 
 /// A connected client's byte stream, whatever the transport.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -24,6 +25,8 @@ pub struct Accepted {
     pub peer: SocketAddr,
     /// The client's name (certificate subject) where the transport authenticates clients.
     pub name: Option<String>,
+    /// The client's certificate grants reading only.
+    pub read_only: bool,
 }
 
 impl std::fmt::Debug for Accepted {
@@ -42,6 +45,23 @@ pub enum TransportError {
     Timeout { peer: SocketAddr, timeout: Duration },
     #[error("handshake with {peer} failed: {source}")]
     Handshake { peer: SocketAddr, source: io::Error },
+    #[error("refused {peer}{}: {reason}", name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default())]
+    Refused {
+        peer: SocketAddr,
+        reason: String,
+        /// The certificate subject, when the handshake got that far.
+        name: Option<String>,
+    },
+}
+
+impl TransportError {
+    /// The client name (certificate subject) involved, if known.
+    pub fn client_name(&self) -> Option<&str> {
+        match self {
+            TransportError::Refused { name, .. } => name.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 /// How a relay talks to its clients.
@@ -49,28 +69,34 @@ pub enum TransportError {
 pub enum Transport {
     /// Raw bytes over TCP.
     Plain,
+    /// TLS (with or without client certificates), see [`crate::tls`].
+    Tls(TlsAccept),
 }
 
 impl Transport {
     pub fn kind(&self) -> TransportKind {
         match self {
             Transport::Plain => TransportKind::Plain,
+            Transport::Tls(t) if t.mutual => TransportKind::Mtls,
+            Transport::Tls(_) => TransportKind::Tls,
         }
     }
 
-    /// Completes the transport's handshake on a fresh connection.
+    /// Completes the transport's handshake on a fresh connection, within `timeout`.
     pub async fn accept(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
-        _timeout: Duration,
+        timeout: Duration,
     ) -> Result<Accepted, TransportError> {
         match self {
             Transport::Plain => Ok(Accepted {
                 stream: Box::new(tcp),
                 peer,
                 name: None,
+                read_only: false,
             }),
+            Transport::Tls(t) => t.accept(tcp, peer, timeout).await,
         }
     }
 }

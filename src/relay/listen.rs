@@ -156,7 +156,8 @@ pub fn spawn_acceptors(
                                 })
                                 .await;
                         }
-                        Err(e) => tracing::warn!(peer = %peer, event = "client-refused", "{e}"),
+                        Err(e) => tracing::warn!(peer = %peer, client_name = e.client_name().unwrap_or(""),
+                            event = "client-refused", "client refused: {e}"),
                     }
                 });
             }

@@ -78,9 +78,11 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra}\n[ports]\nbase = {base}\nspan = 1000\n",
+                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra}\n[ports]\nbase = {base}\nspan = 1000\n{}",
                 state.display(),
-                sock.display()
+                sock.display(),
+                // The relay tests talk plain TCP unless they set [relay] themselves.
+                if extra.contains("[relay]") { "" } else { "[relay]\ntransport = \"plain\"\n" }
             ),
         )
         .unwrap();
@@ -471,4 +473,74 @@ pub fn socat_exchange(port: u16, req: &[u8]) -> Vec<u8> {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "socat failed: {out:?}");
     out.stdout
+}
+
+/// Issues a client certificate with `lucidgate cert issue-client NAME ARGS --out DIR` against
+/// the daemon's config; returns DIR (NAME.pem, NAME.key, NAME.crt, ca.crt).
+pub fn issue_client(d: &Daemon, name: &str, args: &[&str]) -> PathBuf {
+    let out = d.dir.path().join(format!("clients-{name}"));
+    let mut all = vec!["cert", "issue-client", name];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    let o = d.cli(&all);
+    assert!(
+        o.status.success(),
+        "issue-client failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// One request through `socat - openssl-connect:...` with a client certificate (the client side
+/// of the vendor article, with TLS); returns what came back.
+pub fn socat_tls(port: u16, dir: &Path, name: &str, req: &[u8]) -> Vec<u8> {
+    require_tool("socat");
+    let addr = format!(
+        "openssl-connect:127.0.0.1:{port},cert={},cafile={},verify=1",
+        dir.join(format!("{name}.pem")).display(),
+        dir.join("ca.crt").display()
+    );
+    let mut child = Command::new("socat")
+        .args(["-t", "2", "-", &addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(req).unwrap();
+    child.wait_with_output().unwrap().stdout
+}
+
+/// One request through `openssl s_client -quiet` with the given extra arguments (e.g. -cert,
+/// -key); returns (bytes received, stderr).
+pub fn s_client(port: u16, ca: &Path, extra: &[&str], req: &[u8]) -> (Vec<u8>, String) {
+    require_tool("openssl");
+    let mut child = Command::new("timeout")
+        .args([
+            "10",
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-no_ign_eof",
+            "-connect",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-CAfile")
+        .arg(ca)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(req);
+    // Give the answer time to arrive before EOF makes s_client close the session.
+    std::thread::sleep(Duration::from_millis(800));
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
