@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, StaticDevice};
 use crate::control::{self, Command, StatusReport};
-use crate::daemon::{self, NoLifecycle, ServeOptions};
+use crate::daemon::{self, ServeOptions};
 use crate::emulator::{self, Module};
 use crate::ports::{self, Registry};
 use crate::pty::Pty;
@@ -31,6 +31,9 @@ pub struct Cli {
     /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,
+    /// Where logs go: journald when started by systemd (auto), or stderr.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    pub log: crate::logging::LogTarget,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -45,6 +48,12 @@ pub enum Cmd {
         /// Do not watch udev; serve only [[device]] entries (and --demo).
         #[arg(long)]
         no_udev: bool,
+    },
+    /// Make the running daemon re-read its config (as `systemctl reload lucidgate`).
+    Reload {
+        /// Control socket (default: control_socket of the config).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
     },
     /// Show the modules the running daemon serves.
     Status {
@@ -142,7 +151,7 @@ pub enum ConfigCmd {
 /// Parses the command line and runs it; returns the exit code.
 pub fn main() -> Result<i32> {
     let cli = Cli::parse();
-    crate::logging::init(&cli.log_level);
+    crate::logging::init(&cli.log_level, cli.log);
     run(cli)
 }
 
@@ -165,22 +174,45 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Cmd::Serve { demo, no_udev } => {
-            let (mut cfg, path) = load_config(&cli.config)?;
+            let (path, required) = match &cli.config {
+                Some(p) => (p.clone(), true),
+                None => (PathBuf::from(config::DEFAULT_CONFIG_PATH), false),
+            };
+            let mut source = daemon::ConfigSource {
+                path: Some(path.clone()),
+                required,
+                extra_devices: Vec::new(),
+            };
+            let mut cfg = source.load()?;
             tracing::info!(
                 "lucidgate {} starting; config {}",
                 env!("CARGO_PKG_VERSION"),
                 describe_config_path(&path)
             );
             let _demo = if demo {
-                Some(start_demo(&mut cfg)?)
+                let (demo, device) = start_demo()?;
+                cfg.devices.retain(|d| d.serial != DEMO_SERIAL);
+                cfg.devices.push(device.clone());
+                source.extra_devices.push(device);
+                Some(demo)
             } else {
                 None
             };
+            let mut systemd = crate::systemd::Systemd::from_env();
             runtime()?.block_on(daemon::serve(
                 cfg,
-                ServeOptions { no_udev },
-                &mut NoLifecycle,
+                ServeOptions { no_udev, source },
+                &mut systemd,
             ))?;
+            Ok(0)
+        }
+        Cmd::Reload { socket } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => load_config(&cli.config)?.0.control_socket,
+            };
+            let v = runtime()?.block_on(control::ask(&socket, &Command::Reload))?;
+            println!("{}", v["status"].as_str().unwrap_or("reloaded"));
             Ok(0)
         }
         Cmd::Status { json, socket } => {
@@ -445,7 +477,7 @@ impl Drop for Demo {
     }
 }
 
-fn start_demo(cfg: &mut Config) -> Result<Demo> {
+fn start_demo() -> Result<(Demo, StaticDevice)> {
     let pty = Pty::open()?;
     let module = module_for("AO4", Some(DEMO_SERIAL.to_string()))?;
     let shared = emulator::Shared::new(module);
@@ -462,13 +494,12 @@ fn start_demo(cfg: &mut Config) -> Result<Demo> {
         "demo: emulated LucidIo AO4 {DEMO_SERIAL} on {}",
         pty.slave_path.display()
     );
-    cfg.devices.retain(|d| d.serial != DEMO_SERIAL);
-    cfg.devices.push(StaticDevice {
+    let device = StaticDevice {
         path: pty.slave_path.clone(),
         serial: DEMO_SERIAL.to_string(),
         model: "LucidIo_AO4 (demo)".to_string(),
-    });
-    Ok(Demo { _pty: pty, shared })
+    };
+    Ok((Demo { _pty: pty, shared }, device))
 }
 
 /// The human-readable status table.

@@ -26,6 +26,8 @@ pub enum Command {
     Status,
     /// Re-read the PKI (after `lucidgate cert ...` changed it).
     ReloadPki,
+    /// Re-read the config and reconcile (as SIGHUP).
+    Reload,
 }
 
 /// One module in `status`.

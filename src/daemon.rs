@@ -22,14 +22,14 @@ use crate::ca::{Pki, PkiSettings};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, StaticDevice, TransportKind};
 use crate::control::{self, Command, ModuleStatus, StatusReport};
-use crate::device::watch::{self, WatchMsg};
+use crate::device::watch::{self as udev_watch, WatchMsg};
 use crate::device::{Action, DeviceEvent, Matcher, ModuleInfo, SerialSource};
 use crate::ports::{PortSource, Registry};
 use crate::relay::{self, ExitReason, RelayExit, RelayHandle, RelaySpec};
 use crate::state;
 use crate::tls::{TlsAccept, TlsState};
 use crate::transport::Transport;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 /// How often the PKI looks at the device's addresses (a changed address gets a new server cert).
 pub const PKI_ADDRESS_CHECK: Duration = Duration::from_secs(60);
@@ -70,7 +70,45 @@ pub trait Lifecycle: Send {
     fn ready(&mut self, _status: &str) {}
     /// The served set changed.
     fn status(&mut self, _status: &str) {}
+    /// A reload started (it ends with `ready`).
+    fn reloading(&mut self) {}
+    /// How often the supervisor loop must call [`Lifecycle::watchdog`], if at all.
+    fn watchdog_interval(&self) -> Option<Duration> {
+        None
+    }
+    fn watchdog(&mut self) {}
     fn stopping(&mut self) {}
+}
+
+/// The supervisor's side of the PKI task: what relays hand out, and how to poke the task.
+pub struct PkiHandle {
+    pub tls: Arc<TlsState>,
+    /// Wakes the PKI task to re-read `state_dir/pki`.
+    pub reload: Arc<Notify>,
+    /// The `[tls]` settings the task works with (changed by a reload).
+    pub settings: watch::Sender<PkiSettings>,
+}
+
+/// Where the config comes from, so a reload can read it again.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// `None`: built-in defaults only.
+    pub path: Option<PathBuf>,
+    /// The file was named explicitly (`--config`) and must exist.
+    pub required: bool,
+    /// Devices added on the command line (`serve --demo`), kept across reloads.
+    pub extra_devices: Vec<StaticDevice>,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
+        let mut c = match &self.path {
+            Some(p) => Config::load(p, self.required)?,
+            None => Config::default(),
+        };
+        c.devices.extend(self.extra_devices.iter().cloned());
+        Ok(c)
+    }
 }
 
 /// A lifecycle that does nothing.
@@ -91,8 +129,11 @@ pub struct Supervisor {
     exits_rx: mpsc::Receiver<RelayExit>,
     cancel: CancellationToken,
     tracker: TaskTracker,
-    tls: Arc<TlsState>,
-    pki_reload: Arc<Notify>,
+    pki: PkiHandle,
+    /// The latest udev event of every tty seen (matching or not), so a reload with new match
+    /// rules can judge devices that are already plugged in.
+    raw: BTreeMap<PathBuf, DeviceEvent>,
+    source: ConfigSource,
 }
 
 impl Supervisor {
@@ -101,8 +142,8 @@ impl Supervisor {
         registry: Registry,
         cancel: CancellationToken,
         tracker: TaskTracker,
-        tls: Arc<TlsState>,
-        pki_reload: Arc<Notify>,
+        pki: PkiHandle,
+        source: ConfigSource,
     ) -> Self {
         let (exits_tx, exits_rx) = mpsc::channel(64);
         Supervisor {
@@ -117,39 +158,48 @@ impl Supervisor {
             exits_rx,
             cancel,
             tracker,
-            tls,
-            pki_reload,
+            pki,
+            raw: BTreeMap::new(),
+            source,
         }
     }
 
     fn on_device(&mut self, ev: DeviceEvent) {
-        match ev.action {
-            Action::Add | Action::Change => match self.matcher.identify(&ev) {
-                Some(info) => {
-                    let known = self.devices.get(&ev.syspath);
-                    if known != Some(&info) {
-                        if info.serial_source == SerialSource::UsbPath {
-                            warn!(serial = %info.serial, devnode = %info.devnode.display(),
-                                "module has no serial number; serving it on a port derived from its USB path (it changes if the module moves to another USB socket)");
-                        }
-                        info!(serial = %info.serial, model = %info.model, devnode = %info.devnode.display(), event = "plugged",
-                            "module {} ({}) present at {}", info.serial, info.model, info.devnode.display());
-                        self.failures.remove(&info.serial);
-                        self.devices.insert(ev.syspath.clone(), info);
+        let key = ev.syspath.clone();
+        let removed = ev.action == Action::Remove;
+        if removed {
+            self.raw.remove(&key);
+        } else {
+            self.raw.insert(key.clone(), ev);
+        }
+        self.rematch(&key, removed);
+    }
+
+    /// Judges the device at `key` (a udev syspath) again with the current rules.
+    fn rematch(&mut self, key: &PathBuf, unplugged: bool) {
+        let now = self.raw.get(key).and_then(|ev| self.matcher.identify(ev));
+        match now {
+            Some(info) => {
+                if self.devices.get(key) != Some(&info) {
+                    if info.serial_source == SerialSource::UsbPath {
+                        warn!(module_serial = %info.serial, devnode = %info.devnode.display(),
+                            "module has no serial number; serving it on a port derived from its USB path (it changes if the module moves to another USB socket)");
                     }
+                    info!(module_serial = %info.serial, module_model = %info.model, devnode = %info.devnode.display(), event = "plugged",
+                        "module {} ({}) present at {}", info.serial, info.model, info.devnode.display());
+                    self.failures.remove(&info.serial);
+                    self.devices.insert(key.clone(), info);
                 }
-                None => {
-                    // A change that makes a device stop matching is a removal.
-                    if let Some(info) = self.devices.remove(&ev.syspath) {
-                        info!(serial = %info.serial, devnode = %info.devnode.display(), event = "unplugged",
+            }
+            None => {
+                if let Some(info) = self.devices.remove(key) {
+                    if unplugged {
+                        info!(module_serial = %info.serial, module_model = %info.model, devnode = %info.devnode.display(), event = "unplugged",
+                            "module {} unplugged", info.serial);
+                    } else {
+                        info!(module_serial = %info.serial, devnode = %info.devnode.display(), event = "unplugged",
                             "module {} no longer matches the rules; stopping", info.serial);
                     }
-                }
-            },
-            Action::Remove => {
-                if let Some(info) = self.devices.remove(&ev.syspath) {
-                    info!(serial = %info.serial, model = %info.model, devnode = %info.devnode.display(), event = "unplugged",
-                        "module {} unplugged", info.serial);
                 }
             }
         }
@@ -165,7 +215,7 @@ impl Supervisor {
         }
         let running = self.relays.remove(&exit.serial).expect("checked above");
         if let ExitReason::DeviceGone(why) = exit.reason {
-            warn!(serial = %exit.serial, port = running.handle.port, devnode = %running.info.devnode.display(), event = "device-lost",
+            warn!(module_serial = %exit.serial, port = running.handle.port, devnode = %running.info.devnode.display(), event = "device-lost",
                 "module {} stopped answering on {}: {why}; waiting for it to come back", exit.serial, running.info.devnode.display());
             self.failures.insert(
                 exit.serial,
@@ -179,13 +229,30 @@ impl Supervisor {
 
     /// Static devices appear when their path exists and vanish when it does not.
     fn poll_static(&mut self) {
+        let configured: BTreeSet<PathBuf> = self
+            .config
+            .devices
+            .iter()
+            .map(|d| PathBuf::from(format!("{STATIC_PREFIX}{}", d.path.display())))
+            .collect();
+        let gone: Vec<PathBuf> = self
+            .devices
+            .keys()
+            .filter(|k| k.to_string_lossy().starts_with(STATIC_PREFIX) && !configured.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(info) = self.devices.remove(&key) {
+                info!(module_serial = %info.serial, event = "unplugged", "static device {} removed from the config", info.serial);
+            }
+        }
         for dev in self.config.devices.clone() {
             let key = PathBuf::from(format!("{STATIC_PREFIX}{}", dev.path.display()));
             let present = dev.path.exists();
             let known = self.devices.contains_key(&key);
             if present && !known {
                 let info = static_info(&dev, key.clone());
-                info!(serial = %info.serial, devnode = %dev.path.display(), event = "plugged",
+                info!(module_serial = %info.serial, devnode = %dev.path.display(), event = "plugged",
                     "static device {} present at {}", info.serial, dev.path.display());
                 self.failures.remove(&info.serial);
                 self.devices.insert(key, info);
@@ -193,7 +260,7 @@ impl Supervisor {
                 && known
                 && let Some(info) = self.devices.remove(&key)
             {
-                info!(serial = %info.serial, devnode = %dev.path.display(), event = "unplugged",
+                info!(module_serial = %info.serial, devnode = %dev.path.display(), event = "unplugged",
                     "static device {} gone from {}", info.serial, dev.path.display());
             }
         }
@@ -257,7 +324,7 @@ impl Supervisor {
             } else {
                 "module gone"
             };
-            info!(serial = %serial, port = r.handle.port, event = "relay-stopped", "stopping relay for {serial} on port {} ({why})", r.handle.port);
+            info!(module_serial = %serial, port = r.handle.port, event = "relay-stopped", "stopping relay for {serial} on port {} ({why})", r.handle.port);
             r.handle.stop(stop_timeout).await;
         }
         self.failures
@@ -280,7 +347,7 @@ impl Supervisor {
                     self.relays.insert(serial, running);
                 }
                 Err(e) => {
-                    error!(serial = %serial, devnode = %info.devnode.display(), event = "relay-failed",
+                    error!(module_serial = %serial, devnode = %info.devnode.display(), event = "relay-failed",
                         "cannot serve module {serial}: {e:#}; retrying in {retry:?}");
                     self.failures.insert(
                         serial,
@@ -307,11 +374,11 @@ impl Supervisor {
         let transport = match spec.transport {
             TransportKind::Plain => Transport::Plain,
             kind => {
-                if let Some(why) = self.tls.not_ready() {
+                if let Some(why) = self.pki.tls.not_ready() {
                     anyhow::bail!("TLS is not available: {why}");
                 }
                 Transport::Tls(TlsAccept {
-                    state: self.tls.clone(),
+                    state: self.pki.tls.clone(),
                     mutual: kind == TransportKind::Mtls,
                     module: spec.serial.clone(),
                     allow: self.config.module_settings(&spec.serial).allow,
@@ -319,9 +386,11 @@ impl Supervisor {
             }
         };
         match spec.transport {
-            TransportKind::Plain => warn!(serial = %info.serial, event = "insecure-transport",
-                "module {} is served as plain TCP (transport = \"plain\"): anyone who can reach port {port} can use it", info.serial),
-            TransportKind::Tls => warn!(serial = %info.serial, event = "insecure-transport",
+            TransportKind::Plain => {
+                warn!(module_serial = %info.serial, event = "insecure-transport",
+                "module {} is served as plain TCP (transport = \"plain\"): anyone who can reach port {port} can use it", info.serial)
+            }
+            TransportKind::Tls => warn!(module_serial = %info.serial, event = "insecure-transport",
                 "module {} is served over TLS without client certificates (transport = \"tls\"): any client can use it", info.serial),
             TransportKind::Mtls => {}
         }
@@ -342,7 +411,7 @@ impl Supervisor {
             .iter()
             .map(|a| relay::display_addr(a, port))
             .collect();
-        info!(serial = %info.serial, model = %info.model, devnode = %info.devnode.display(), port, port_source = %source, event = "serving",
+        info!(module_serial = %info.serial, module_model = %info.model, devnode = %info.devnode.display(), port, port_source = %source, event = "serving",
             "serving module {} ({}) from {} on {} (port {source})", info.serial, info.model, info.devnode.display(), addrs.join(", "));
         Ok(Running {
             handle,
@@ -421,12 +490,73 @@ impl Supervisor {
         format!("{} modules served: {}", served.len(), served.join(" "))
     }
 
+    /// Re-reads the config; a bad one is refused whole and the running one stays. Relays whose
+    /// settings did not change keep their clients; changed ones restart; removed ones stop.
+    pub async fn reload(&mut self, lifecycle: &mut dyn Lifecycle) -> Result<String, String> {
+        lifecycle.reloading();
+        info!(event = "reload", "reloading the configuration");
+        let mut new = match self.source.load() {
+            Ok(c) => c,
+            Err(e) => {
+                error!(
+                    event = "reload-failed",
+                    "reload refused, the running configuration stays in force: {e}"
+                );
+                lifecycle.ready(&self.summary());
+                return Err(e.to_string());
+            }
+        };
+        let old = self.config.clone();
+        let mut notes = Vec::new();
+        if new.state_dir != old.state_dir {
+            notes.push("state_dir changes take effect after a restart".to_string());
+            new.state_dir = old.state_dir.clone();
+        }
+        if new.control_socket != old.control_socket {
+            notes.push("control_socket changes take effect after a restart".to_string());
+            new.control_socket = old.control_socket.clone();
+        }
+        if new.limits.max_handshakes != old.limits.max_handshakes {
+            notes.push("limits.max_handshakes changes take effect after a restart".to_string());
+        }
+        if new.uses_tls() && !old.uses_tls() {
+            notes.push("TLS was off at start: restart lucidgate to serve TLS".to_string());
+        }
+        let pki = PkiSettings::from_config(&new);
+        if *self.pki.settings.borrow() != pki {
+            self.pki.settings.send_replace(pki);
+            self.pki.reload.notify_one();
+        }
+        self.config = Arc::new(new);
+        self.matcher = Matcher::new(&self.config.effective_match_rules());
+        let keys: Vec<PathBuf> = self.raw.keys().cloned().collect();
+        for k in keys {
+            self.rematch(&k, false);
+        }
+        self.poll_static();
+        // Modules that failed get a fresh try under the new config.
+        self.failures.clear();
+        self.reconcile().await;
+        let summary = self.summary();
+        for n in &notes {
+            warn!(event = "reload", "{n}");
+        }
+        info!(event = "reloaded", "configuration reloaded: {summary}");
+        lifecycle.ready(&summary);
+        Ok(if notes.is_empty() {
+            summary
+        } else {
+            format!("{summary} (note: {})", notes.join("; "))
+        })
+    }
+
     /// Runs until `cancel`: the event loop of the daemon.
     pub async fn run(
         mut self,
         mut watch_rx: mpsc::Receiver<WatchMsg>,
         watch_done: bool,
         mut control_rx: mpsc::Receiver<control::Request>,
+        mut reload_rx: mpsc::Receiver<()>,
         lifecycle: &mut dyn Lifecycle,
     ) -> Result<()> {
         let mut enumerated = watch_done;
@@ -438,6 +568,10 @@ impl Supervisor {
         // other events (e.g. frequent status requests) keep the loop busy.
         let mut tick = tokio::time::interval(STATIC_DEVICE_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watchdog_every = lifecycle.watchdog_interval();
+        let mut watchdog =
+            tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if !ready && enumerated {
                 self.poll_static();
@@ -464,14 +598,27 @@ impl Supervisor {
                     let answer = match req.command {
                         Command::Status => serde_json::to_value(self.status()).unwrap_or_default(),
                         Command::ReloadPki => {
-                            self.pki_reload.notify_one();
+                            self.pki.reload.notify_one();
                             serde_json::json!({ "ok": true })
                         }
+                        Command::Reload => match self.reload(lifecycle).await {
+                            Ok(summary) => serde_json::json!({ "ok": true, "status": summary }),
+                            Err(e) => serde_json::json!({ "error": format!("reload refused: {e}") }),
+                        },
                     };
                     let _ = req.reply.send(answer);
                     continue;
                 }
                 _ = tick.tick(), if need_tick => self.poll_static(),
+                _ = watchdog.tick(), if watchdog_every.is_some() => {
+                    lifecycle.watchdog();
+                    continue;
+                }
+                Some(()) = reload_rx.recv() => {
+                    let _ = self.reload(lifecycle).await;
+                    last_summary = self.summary();
+                    continue;
+                }
             }
             if ready {
                 self.reconcile().await;
@@ -513,6 +660,8 @@ fn static_info(dev: &StaticDevice, key: PathBuf) -> ModuleInfo {
 pub struct ServeOptions {
     /// Do not watch udev (only `[[device]]` entries are served).
     pub no_udev: bool,
+    /// Where the config was read from (for reloads).
+    pub source: ConfigSource,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM: state, control socket, udev watch, supervisor.
@@ -547,7 +696,7 @@ pub async fn serve(
         drop(watch_tx);
         None
     } else {
-        match watch::spawn(&["tty"], watch_tx) {
+        match udev_watch::spawn(&["tty"], watch_tx) {
             Ok(h) => Some(h),
             Err(e) => {
                 warn!(
@@ -562,6 +711,7 @@ pub async fn serve(
     let clock: SharedClock = Arc::new(SystemClock::from_env());
     let tls = TlsState::new(clock.clone(), config.limits.max_handshakes);
     let pki_reload = Arc::new(Notify::new());
+    let (pki_settings, pki_settings_rx) = watch::channel(PkiSettings::from_config(&config));
     if config.uses_tls() {
         let settings = PkiSettings::from_config(&config);
         match refresh_pki(&config.state_dir, &settings, &clock, &tls) {
@@ -573,7 +723,7 @@ pub async fn serve(
         }
         spawn_pki_task(
             config.state_dir.clone(),
-            settings,
+            pki_settings_rx,
             clock,
             tls.clone(),
             pki_reload.clone(),
@@ -584,17 +734,22 @@ pub async fn serve(
         tls.set_unavailable("no module uses TLS".into());
     }
 
-    spawn_signal_handler(cancel.clone())?;
+    let (reload_tx, reload_rx) = mpsc::channel(1);
+    spawn_signal_handler(cancel.clone(), reload_tx)?;
     let supervisor = Supervisor::new(
         config.clone(),
         registry,
         cancel.clone(),
         tracker.clone(),
-        tls,
-        pki_reload,
+        PkiHandle {
+            tls,
+            reload: pki_reload,
+            settings: pki_settings,
+        },
+        opts.source.clone(),
     );
     let result = supervisor
-        .run(watch_rx, watch_done, control_rx, lifecycle)
+        .run(watch_rx, watch_done, control_rx, reload_rx, lifecycle)
         .await;
     cancel.cancel();
     tracker.close();
@@ -655,7 +810,7 @@ fn refresh_pki_next(
 /// re-reads the PKI when `lucidgate cert ...` asks for it.
 fn spawn_pki_task(
     state_dir: PathBuf,
-    settings: PkiSettings,
+    settings: watch::Receiver<PkiSettings>,
     clock: SharedClock,
     tls: Arc<TlsState>,
     reload: Arc<Notify>,
@@ -672,7 +827,7 @@ fn spawn_pki_task(
             }
             let (d, s, c, t) = (
                 state_dir.clone(),
-                settings.clone(),
+                settings.borrow().clone(),
                 clock.clone(),
                 tls.clone(),
             );
@@ -695,15 +850,23 @@ fn spawn_pki_task(
     });
 }
 
-fn spawn_signal_handler(cancel: CancellationToken) -> Result<()> {
+fn spawn_signal_handler(cancel: CancellationToken, reload: mpsc::Sender<()>) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM received"),
-            _ = int.recv() => info!("SIGINT received"),
-            _ = cancel.cancelled() => return,
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM received"); break; }
+                _ = int.recv() => { info!("SIGINT received"); break; }
+                _ = hup.recv() => {
+                    info!("SIGHUP received: reloading");
+                    // A reload already queued covers this one too.
+                    let _ = reload.try_send(());
+                }
+                _ = cancel.cancelled() => return,
+            }
         }
         cancel.cancel();
     });

@@ -21,5 +21,6 @@ pub mod protocol;
 pub mod pty;
 pub mod relay;
 pub mod state;
+pub mod systemd;
 pub mod tls;
 pub mod transport;

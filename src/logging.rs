@@ -1,16 +1,61 @@
-//! Logging set-up: human-readable lines on stderr, filtered by `--log-level` or `RUST_LOG`.
+//! Logging set-up: journald with structured fields, or human-readable lines on stderr.
+//!
+//! Fields of events and spans become journal fields in upper case: `MODULE_SERIAL`,
+//! `MODULE_MODEL`, `DEVNODE`, `PORT`, `PEER_ADDR`, `CLIENT_NAME`, `EVENT` (see docs/journald.md),
+//! so `journalctl -u lucidgate MODULE_SERIAL=11001001FA480000` answers an operator's question.
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber. `level` is used when `RUST_LOG` is not set.
-pub fn init(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
+/// Where logs go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogTarget {
+    /// journald when stderr is connected to the journal (`JOURNAL_STREAM`), else stderr.
+    Auto,
+    Stderr,
+    Journald,
+}
+
+fn filter(level: &str) -> EnvFilter {
+    EnvFilter::try_from_default_env()
         // rustls' own warnings (e.g. a client sending an IP address as SNI) are not the
         // operator's business; lucidgate logs every refused peer itself.
         .or_else(|_| EnvFilter::try_new(format!("{level},rustls=error")))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Installs the global subscriber. `level` is used when `RUST_LOG` is not set.
+pub fn init(level: &str, target: LogTarget) {
+    let journald = match target {
+        LogTarget::Stderr => false,
+        LogTarget::Journald => true,
+        LogTarget::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
+    };
+    if journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                // Conventional syslog priorities: info is 6, debug 7.
+                let priorities = tracing_journald::PriorityMappings {
+                    info: tracing_journald::Priority::Informational,
+                    debug: tracing_journald::Priority::Debug,
+                    ..tracing_journald::PriorityMappings::new()
+                };
+                let layer = layer
+                    .with_field_prefix(None)
+                    .with_syslog_identifier("lucidgate".to_string())
+                    .with_priority_mappings(priorities);
+                let _ = tracing_subscriber::registry()
+                    .with(filter(level))
+                    .with(layer)
+                    .try_init();
+                return;
+            }
+            Err(e) => eprintln!("lucidgate: journald is not reachable ({e}); logging to stderr"),
+        }
+    }
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter(level))
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

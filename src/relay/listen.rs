@@ -156,7 +156,7 @@ pub fn spawn_acceptors(
                                 })
                                 .await;
                         }
-                        Err(e) => tracing::warn!(peer = %peer, client_name = e.client_name().unwrap_or(""),
+                        Err(e) => tracing::warn!(peer_addr = %peer, client_name = e.client_name().unwrap_or(""),
                             event = "client-refused", "client refused: {e}"),
                     }
                 });

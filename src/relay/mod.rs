@@ -106,7 +106,7 @@ impl RelayHandle {
         self.cancel.cancel();
         let serial = self.spec.serial.clone();
         if tokio::time::timeout(timeout, self.join).await.is_err() {
-            warn!(serial = %serial, "relay did not stop within {timeout:?}; abandoned");
+            warn!(module_serial = %serial, "relay did not stop within {timeout:?}; abandoned");
         }
     }
 
@@ -160,7 +160,7 @@ pub fn start(
         &relay_tasks,
     )
     .context("registering listeners with the runtime")?;
-    let span = tracing::info_span!("module", serial = %spec.serial, port);
+    let span = tracing::info_span!("module", module_serial = %spec.serial, port);
     let relay = Relay {
         spec: spec.clone(),
         serial,
@@ -258,7 +258,7 @@ impl Relay {
         } = incoming;
         drop(_permit);
         let who = describe(&accepted);
-        info!(peer = %accepted.peer, client_name = accepted.name.as_deref().unwrap_or(""), event = "client-connected", "client {who} connected");
+        info!(peer_addr = %accepted.peer, client_name = accepted.name.as_deref().unwrap_or(""), event = "client-connected", "client {who} connected");
         self.stats.clients.store(1, Ordering::Relaxed);
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         *self.stats.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(who.clone());
@@ -289,13 +289,13 @@ impl Relay {
                         match self.spec.policy {
                             ClientPolicy::Exclusive if !lingering => {
                                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                                warn!(peer = %other.client.peer, event = "client-refused",
+                                warn!(peer_addr = %other.client.peer, event = "client-refused",
                                     "refused client {}: module is in use by {who} (policy exclusive; set policy = \"kick-old\" to let the newest client win)",
                                     describe(&other.client));
                                 // Dropping `other` closes the connection.
                             }
                             _ => {
-                                info!(peer = %accepted.peer, event = "client-kicked",
+                                info!(peer_addr = %accepted.peer, event = "client-kicked",
                                     "client {who} disconnected: {} takes over ({})", describe(&other.client),
                                     if lingering { "the old client had finished sending" } else { "policy kick-old" });
                                 outcome = Some(Ok(other));

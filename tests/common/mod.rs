@@ -55,6 +55,12 @@ pub struct Daemon {
     pub config: PathBuf,
     pub log: PathBuf,
     pub base: u16,
+    /// Extra environment for the daemon (NOTIFY_SOCKET, ...).
+    pub env: Vec<(String, String)>,
+    /// A command the daemon runs under (e.g. `unshare -m ...`); the daemon's argv is appended.
+    pub wrapper: Vec<String>,
+    /// Extra arguments after `serve`.
+    pub args: Vec<String>,
 }
 
 impl Daemon {
@@ -72,6 +78,13 @@ impl Daemon {
         extra: &str,
         bed: Option<&Umockdev>,
     ) -> Daemon {
+        let mut d = Self::prepare(dir, base, extra);
+        d.spawn(bed, &[]);
+        d
+    }
+
+    /// Writes the config but does not start the daemon (set `env`/`wrapper`, then `restart`).
+    pub fn prepare(dir: tempfile::TempDir, base: u16, extra: &str) -> Daemon {
         let config = dir.path().join("lucidgate.toml");
         let state = dir.path().join("state");
         let sock = dir.path().join("control.sock");
@@ -87,15 +100,38 @@ impl Daemon {
         )
         .unwrap();
         let log = dir.path().join("daemon.log");
-        let mut d = Daemon {
+        Daemon {
             child: None,
             dir,
             config,
             log,
             base,
-        };
-        d.spawn(bed, &[]);
-        d
+            env: Vec::new(),
+            wrapper: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Replaces the config with the same base settings plus `extra` (for reload tests).
+    pub fn rewrite_config(&self, extra: &str) {
+        let state = self.dir.path().join("state");
+        let sock = self.dir.path().join("control.sock");
+        std::fs::write(
+            &self.config,
+            format!(
+                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra}\n[ports]\nbase = {}\nspan = 1000\n{}",
+                state.display(),
+                sock.display(),
+                self.base,
+                if extra.contains("[relay]") { "" } else { "[relay]\ntransport = \"plain\"\n" }
+            ),
+        )
+        .unwrap();
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
     }
 
     fn spawn(&mut self, bed: Option<&Umockdev>, args: &[&str]) {
@@ -110,16 +146,23 @@ impl Daemon {
                 c.arg(bin()).env("UMOCKDEV_DIR", &b.root);
                 c
             }
+            None if !self.wrapper.is_empty() => {
+                let mut c = Command::new(&self.wrapper[0]);
+                c.args(&self.wrapper[1..]).arg(bin());
+                c
+            }
             None => {
                 let mut c = Command::new(bin());
                 c.arg("--log-level").arg("debug");
                 c
             }
         };
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.arg("-c")
             .arg(&self.config)
             .arg("serve")
             .args(args)
+            .args(&self.args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
