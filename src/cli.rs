@@ -26,7 +26,13 @@ pub const DEMO_SERIAL: &str = "11001001FA480000";
 )]
 pub struct Cli {
     /// Config file (default /etc/lucidgate/lucidgate.toml; missing means built-in defaults).
-    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        value_name = "FILE",
+        env = "LUCIDGATE_CONFIG"
+    )]
     pub config: Option<PathBuf>,
     /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
@@ -146,6 +152,12 @@ pub enum CertCmd {
 pub enum ConfigCmd {
     /// Validate the config and print the effective settings.
     Check,
+    /// Turn a ser2net config (4.x YAML or 3.x ser2net.conf) into module port overrides, so
+    /// existing clients keep their ports. Prints TOML to add to lucidgate.toml.
+    ImportSer2net {
+        /// The ser2net config, e.g. /etc/ser2net.yaml.
+        file: PathBuf,
+    },
 }
 
 /// Parses the command line and runs it; returns the exit code.
@@ -261,6 +273,27 @@ pub fn run(cli: Cli) -> Result<i32> {
                 ),
             };
             eprintln!("{serial}: port {port} ({why})");
+            Ok(0)
+        }
+        Cmd::Config {
+            action: ConfigCmd::ImportSer2net { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading ser2net config {}", file.display()))?;
+            let origin = file.display().to_string();
+            let conns = crate::migrate::parse(&text, &origin)?;
+            let (toml, notes) =
+                crate::migrate::render(&conns, &origin, crate::migrate::serial_from_udev);
+            print!("{toml}");
+            for n in &notes {
+                eprintln!("note: {n}");
+            }
+            eprintln!(
+                "{} connections read, {} notes; add the output to {}",
+                conns.len(),
+                notes.len(),
+                config::DEFAULT_CONFIG_PATH
+            );
             Ok(0)
         }
         Cmd::Config {

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod device;
 pub mod emulator;
 pub mod logging;
+pub mod migrate;
 pub mod ports;
 pub mod protocol;
 pub mod pty;
