@@ -275,6 +275,9 @@ impl Relay {
             tokio::pin!(pump);
             loop {
                 tokio::select! {
+                    // The session first: a client that has already closed must release the
+                    // module before a newcomer is judged (a quick reconnect is not refused).
+                    biased;
                     end = &mut pump => break Some(end),
                     _ = self.cancel.cancelled() => {
                         outcome = Some(Err(ExitReason::Stopped));
