@@ -95,15 +95,17 @@ fn listening(port: u16) -> bool {
     })
 }
 
-fn wait_port(port: u16) -> Duration {
+fn wait_port(port: u16) -> Result<Duration, String> {
     let t0 = Instant::now();
     while t0.elapsed() < START_PATIENCE {
         if listening(port) {
-            return t0.elapsed();
+            return Ok(t0.elapsed());
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    panic!("port {port} did not open within {START_PATIENCE:?}");
+    Err(format!(
+        "port {port} did not open within {START_PATIENCE:?}"
+    ))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -124,7 +126,8 @@ impl Kind {
     }
 }
 
-fn start(kind: Kind, modules: &[&Path], base: u16, extra_config: &str) -> Server {
+/// Starts a server; `Err` (with its stderr) when it does not come up, so the run goes on.
+fn start(kind: Kind, modules: &[&Path], base: u16, extra_config: &str) -> Result<Server, String> {
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..modules.len()).map(|i| base + i as u16).collect();
     let mut children = Vec::new();
@@ -195,21 +198,31 @@ fn start(kind: Kind, modules: &[&Path], base: u16, extra_config: &str) -> Server
                     .arg("-P")
                     .arg(dir.path().join("pid"))
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
+                    .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
                     .spawn()
                     .unwrap(),
             );
         }
     }
-    for p in &ports {
-        wait_port(*p);
-    }
-    Server {
+    let server = Server {
         name: kind.name().to_string(),
         children,
         ports,
         _dir: dir,
+    };
+    for p in &server.ports {
+        if let Err(e) = wait_port(*p) {
+            let stderr =
+                std::fs::read_to_string(server._dir.path().join("stderr")).unwrap_or_default();
+            return Err(format!(
+                "{} with {} modules: {e}; stderr: {}",
+                kind.name(),
+                modules.len(),
+                stderr.trim()
+            ));
+        }
     }
+    Ok(server)
 }
 
 /// Kernel-side bytes of RSS (kB) of a process and all its descendants.
@@ -468,6 +481,8 @@ struct Report {
     startup_ms_16: Option<f64>,
     idle_cpu_percent_16: Option<f64>,
     idle_wakeups_per_s_16: Option<f64>,
+    /// Servers that did not start, with their stderr.
+    failures: Vec<String>,
     #[serde(skip)]
     rtt_samples: BTreeMap<String, Vec<f64>>,
 }
@@ -491,7 +506,14 @@ fn single_module(mode: &Mode, r: &mut Report) {
             ..Default::default()
         };
         {
-            let s = start(kind, &[&emu.path()], base, "");
+            let s = match start(kind, &[&emu.path()], base, "") {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    r.failures.push(e);
+                    continue;
+                }
+            };
             let mut c = tcp(s.ports[0]);
             round_trips(&mut c, mode.rtt_requests / 10); // warm-up
             let lat = round_trips(&mut c, mode.rtt_requests);
@@ -505,7 +527,11 @@ fn single_module(mode: &Mode, r: &mut Report) {
             );
         }
         {
-            let s = start(kind, &[raw.path()], base + 5, "");
+            let Ok(s) = start(kind, &[raw.path()], base + 5, "").map_err(|e| r.failures.push(e))
+            else {
+                r.single.push(row);
+                continue;
+            };
             let (u, _) = bulk(s.ports[0], &raw, mode.bulk_bytes, true, false);
             settle(&s);
             drain(&raw);
@@ -569,7 +595,14 @@ fn scale(mode: &Mode, r: &mut Report) {
         .into_iter()
         .enumerate()
         {
-            let s = start(kind, &refs, 47000 + (k as u16) * 200, "");
+            let s = match start(kind, &refs, 47000 + (k as u16) * 200, "") {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    r.failures.push(e);
+                    continue;
+                }
+            };
             let pids = server_pids(&s);
             let cpu0: Duration = pids.iter().map(|p| tree_cpu(*p)).sum();
             let per = (mode.load_requests / n).max(50);
@@ -725,7 +758,8 @@ fn tls(mode: &Mode, r: &mut Report) {
         &[&emu.path()],
         49000,
         "[relay]\ntransport = \"mtls\"\n",
-    );
+    )
+    .expect("lucidgate starts");
     let cfg = s._dir.path().join("c.toml");
     let out = dir.path().join("client");
     let ok = Command::new(lucidgate_bin())
@@ -769,7 +803,7 @@ fn tls(mode: &Mode, r: &mut Report) {
     let tls_rtt = rtt_stats(&round_trips(&mut stream, mode.rtt_requests));
     drop(stream);
     drop(s);
-    let plain = start(Kind::Lucidgate, &[&emu.path()], 49010, "");
+    let plain = start(Kind::Lucidgate, &[&emu.path()], 49010, "").expect("lucidgate starts");
     let mut c = tcp(plain.ports[0]);
     round_trips(&mut c, mode.rtt_requests / 10);
     let plain_rtt = rtt_stats(&round_trips(&mut c, mode.rtt_requests));
@@ -794,7 +828,7 @@ fn tls(mode: &Mode, r: &mut Report) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_port(49020);
+    wait_port(49020).expect("socat openssl-listen starts");
     let mut socat_hs: Vec<Duration> = (0..if mode.full { 200 } else { 20 })
         .map(|_| connect_tls(49020).1)
         .collect();
@@ -866,7 +900,7 @@ fn idle(mode: &Mode, r: &mut Report) {
     let paths: Vec<PathBuf> = mods.iter().map(|m| m.path()).collect();
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     let t0 = Instant::now();
-    let s = start(Kind::Lucidgate, &refs, 49100, "");
+    let s = start(Kind::Lucidgate, &refs, 49100, "").expect("lucidgate starts");
     let startup = t0.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     let pid = s.children[0].id();
@@ -958,6 +992,12 @@ fn markdown(r: &Report) -> String {
             g("socat_tls_handshake_p50_us"),
             g("lucidgate_mtls_rtt_p50_us") / g("lucidgate_plain_rtt_p50_us"),
         ));
+    }
+    if !r.failures.is_empty() {
+        md.push_str("\n## Servers that did not start\n\n");
+        for f in &r.failures {
+            md.push_str(&format!("- {f}\n"));
+        }
     }
     if let (Some(s), Some(c), Some(w)) = (
         r.startup_ms_16,
