@@ -1,11 +1,13 @@
 SUMMARY = "Device server for LucidControl USB IO modules"
-DESCRIPTION = "Serves each plugged-in LucidControl USB IO module on a TCP port derived from its \
-serial number, over TLS with client certificates by default, with udev hotplug."
+DESCRIPTION = "Serves each plugged-in LucidControl USB IO module on a TCP port derived from its serial number, over TLS with client certificates by default, with udev hotplug."
 HOMEPAGE = "https://github.com/lucidgate/lucidgate"
 BUGTRACKER = "https://github.com/lucidgate/lucidgate/issues"
 SECTION = "net"
 LICENSE = "MIT"
 LIC_FILES_CHKSUM = "file://LICENSE-MIT;md5=202e3fd079a54ef57426eeef338e25fc"
+CVE_PRODUCT = "lucidgate"
+
+DEPENDS += "udev"
 
 SRC_URI = "git://github.com/lucidgate/lucidgate.git;protocol=https;branch=main \
            file://lucidgate.toml \
@@ -18,8 +20,6 @@ S = "${UNPACKDIR}/git"
 inherit cargo cargo-update-recipe-crates pkgconfig systemd useradd
 
 require ${BPN}-crates.inc
-
-DEPENDS += "udev"
 
 CARGO_BUILD_FLAGS += "--bin lucidgate"
 
