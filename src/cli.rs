@@ -449,6 +449,17 @@ fn emulate(
     module.silent = silent;
     let usb_serial = module.identity.usb_serial();
     let shared = emulator::Shared::new(module);
+    // Signal handlers first: a SIGTERM that comes as soon as the link exists must still end
+    // the emulator cleanly (and remove the link), not by the default action.
+    let rt = runtime()?;
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _guard = rt.enter();
+        (
+            signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        )
+    };
     let (master, _pty) = match fd {
         Some(fd) => {
             if fd < 3 {
@@ -481,15 +492,10 @@ fn emulate(
     println!("{where_}");
     let _ = std::io::stdout().flush();
     let stop = shared.stop.clone();
-    let rt = runtime()?;
     let worker = std::thread::spawn(move || emulator::serve_fd(master, shared));
     rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        Ok::<_, std::io::Error>(())
-    })?;
+    });
     stop.store(true, Ordering::Relaxed);
     match worker.join() {
         Ok(r) => r?,

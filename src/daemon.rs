@@ -670,13 +670,17 @@ pub async fn serve(
     opts: ServeOptions,
     lifecycle: &mut dyn Lifecycle,
 ) -> Result<()> {
+    // Signals first: a SIGTERM during start-up (key generation can take a moment) must end
+    // the daemon cleanly, and SIGHUP must never kill it.
+    let cancel = CancellationToken::new();
+    let (reload_tx, reload_rx) = mpsc::channel(1);
+    spawn_signal_handler(cancel.clone(), reload_tx)?;
     let config = Arc::new(config);
     state::ensure_private_dir(&config.state_dir)?;
     let (registry, warnings) = Registry::load(&config.state_dir)?;
     for w in warnings {
         warn!("{w}");
     }
-    let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
 
     let listener = control::bind(&config.control_socket).await?;
@@ -734,8 +738,6 @@ pub async fn serve(
         tls.set_unavailable("no module uses TLS".into());
     }
 
-    let (reload_tx, reload_rx) = mpsc::channel(1);
-    spawn_signal_handler(cancel.clone(), reload_tx)?;
     let supervisor = Supervisor::new(
         config.clone(),
         registry,
