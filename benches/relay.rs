@@ -73,8 +73,23 @@ struct Server {
 }
 
 impl Drop for Server {
+    /// Stops the servers as an operator would: SIGTERM, then SIGKILL after a grace period (a
+    /// killed relay cannot release its serial port's exclusive flag).
     fn drop(&mut self) {
+        for c in &self.children {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
         for c in &mut self.children {
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(3) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -156,7 +171,7 @@ fn start(kind: Kind, modules: &[&Path], base: u16, extra_config: &str) -> Result
                     .arg(dir.path().join("c.toml"))
                     .args(["serve", "--no-udev"])
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
+                    .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
                     .spawn()
                     .unwrap(),
             );
@@ -803,7 +818,9 @@ fn tls(mode: &Mode, r: &mut Report) {
     let tls_rtt = rtt_stats(&round_trips(&mut stream, mode.rtt_requests));
     drop(stream);
     drop(s);
-    let plain = start(Kind::Lucidgate, &[&emu.path()], 49010, "").expect("lucidgate starts");
+    // A pty of its own: the comparison must not depend on how the mTLS server let go of its.
+    let emu_plain = EmuModule::new(dir.path(), 1);
+    let plain = start(Kind::Lucidgate, &[&emu_plain.path()], 49010, "").expect("lucidgate starts");
     let mut c = tcp(plain.ports[0]);
     round_trips(&mut c, mode.rtt_requests / 10);
     let plain_rtt = rtt_stats(&round_trips(&mut c, mode.rtt_requests));
