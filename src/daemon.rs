@@ -719,7 +719,7 @@ pub async fn serve(
     if config.uses_tls() {
         let settings = PkiSettings::from_config(&config);
         match refresh_pki(&config.state_dir, &settings, &clock, &tls) {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(e) if crate::clock::implausible(clock.now()).is_some() => {
                 warn!("TLS relays wait for the clock: {e:#}");
             }
@@ -768,15 +768,6 @@ pub async fn serve(
 
 /// Brings the PKI up to date and publishes it to the relays; returns when to look again.
 fn refresh_pki(
-    state_dir: &std::path::Path,
-    settings: &PkiSettings,
-    clock: &SharedClock,
-    tls: &TlsState,
-) -> Result<()> {
-    refresh_pki_next(state_dir, settings, clock, tls).map(|_| ())
-}
-
-fn refresh_pki_next(
     state_dir: &std::path::Path,
     settings: &PkiSettings,
     clock: &SharedClock,
@@ -833,7 +824,7 @@ fn spawn_pki_task(
                 clock.clone(),
                 tls.clone(),
             );
-            let r = tokio::task::spawn_blocking(move || refresh_pki_next(&d, &s, &c, &t)).await;
+            let r = tokio::task::spawn_blocking(move || refresh_pki(&d, &s, &c, &t)).await;
             wait = match r {
                 Ok(Ok(w)) => w,
                 Ok(Err(e)) => {

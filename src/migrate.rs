@@ -17,7 +17,6 @@ use yaml_rust2::scanner::Marker;
 pub struct Connection {
     /// Line of the connection in the file.
     pub line: usize,
-    pub name: String,
     pub port: u16,
     pub device: PathBuf,
     pub baud: Option<u32>,
@@ -214,7 +213,6 @@ fn yaml_connection(node: &Node, origin: &str) -> Result<Connection, ImportError>
     }
     Ok(Connection {
         line,
-        name: String::new(),
         port,
         device,
         baud,
@@ -392,7 +390,6 @@ fn parse_conf(text: &str, origin: &str) -> Result<Vec<Connection>, ImportError> 
         }
         out.push(Connection {
             line,
-            name: String::new(),
             port,
             device,
             baud,

@@ -60,7 +60,7 @@ impl Pty {
         Ok(())
     }
 
-    /// Splits off the master, leaving the rest (slave + link) to be dropped later.
+    /// The name a client opens: the link when there is one, else the slave's /dev/pts path.
     pub fn path(&self) -> &Path {
         self.link.as_deref().unwrap_or(&self.slave_path)
     }

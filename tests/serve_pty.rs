@@ -8,13 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn static_device(link: &std::path::Path, serial: &str) -> String {
-    format!(
-        "[[device]]\npath = \"{}\"\nserial = \"{serial}\"\n",
-        link.display()
-    )
-}
-
 #[test]
 fn unplug_mid_session_ends_the_client_and_replug_serves_the_same_port() {
     let dir = tempfile::tempdir().unwrap();

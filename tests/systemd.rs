@@ -5,20 +5,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
-
-fn static_device(link: &Path, serial: &str) -> String {
-    format!(
-        "[[device]]\npath = \"{}\"\nserial = \"{serial}\"\n",
-        link.display()
-    )
-}
 
 /// Collects datagrams from a socket in the background.
 fn collect(sock: UnixDatagram) -> Arc<Mutex<Vec<(Instant, String)>>> {

@@ -10,13 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn static_device(link: &Path, serial: &str) -> String {
-    format!(
-        "[[device]]\npath = \"{}\"\nserial = \"{serial}\"\n",
-        link.display()
-    )
-}
-
 /// A daemon with its default transport (mutual TLS) serving one emulated AO4.
 fn tls_daemon(base: u16, extra: &str) -> (Daemon, Emulator, u16) {
     let link_dir = tempfile::tempdir().unwrap().keep();

@@ -86,21 +86,8 @@ impl Daemon {
     /// Writes the config but does not start the daemon (set `env`/`wrapper`, then `restart`).
     pub fn prepare(dir: tempfile::TempDir, base: u16, extra: &str) -> Daemon {
         let config = dir.path().join("lucidgate.toml");
-        let state = dir.path().join("state");
-        let sock = dir.path().join("control.sock");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra}\n[ports]\nbase = {base}\nspan = 1000\n{}",
-                state.display(),
-                sock.display(),
-                // The relay tests talk plain TCP unless they set [relay] themselves.
-                if extra.contains("[relay]") { "" } else { "[relay]\ntransport = \"plain\"\n" }
-            ),
-        )
-        .unwrap();
         let log = dir.path().join("daemon.log");
-        Daemon {
+        let d = Daemon {
             child: None,
             dir,
             config,
@@ -109,10 +96,13 @@ impl Daemon {
             env: Vec::new(),
             wrapper: Vec::new(),
             args: Vec::new(),
-        }
+        };
+        d.rewrite_config(extra);
+        d
     }
 
-    /// Replaces the config with the same base settings plus `extra` (for reload tests).
+    /// Writes the config: loopback only, state and socket in the test's directory, ports from
+    /// `base`, plus `extra` (also how reload tests change it).
     pub fn rewrite_config(&self, extra: &str) {
         let state = self.dir.path().join("state");
         let sock = self.dir.path().join("control.sock");
@@ -123,6 +113,7 @@ impl Daemon {
                 state.display(),
                 sock.display(),
                 self.base,
+                // The relay tests talk plain TCP unless they set [relay] themselves.
                 if extra.contains("[relay]") { "" } else { "[relay]\ntransport = \"plain\"\n" }
             ),
         )
@@ -585,5 +576,13 @@ pub fn s_client(port: u16, ca: &Path, extra: &[&str], req: &[u8]) -> (Vec<u8>, S
     (
         out.stdout,
         String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A `[[device]]` entry serving the tty at `link` as module `serial`.
+pub fn static_device(link: &Path, serial: &str) -> String {
+    format!(
+        "[[device]]\npath = \"{}\"\nserial = \"{serial}\"\n",
+        link.display()
     )
 }
