@@ -85,6 +85,12 @@ pub enum Cmd {
         #[command(subcommand)]
         action: ConfigCmd,
     },
+    /// Client side: a local serial port (pty + symlink) connected to a served module, that
+    /// survives programs opening and closing it, network drops and server restarts.
+    #[command(
+        after_help = "Examples:\n  lucidgate attach pi.local:4216 --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach 11001001FA480000@pi.local --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach --config /etc/lucidgate/attach/lio0.toml   # [[port]] entries, see docs/attach.md"
+    )]
+    Attach(AttachArgs),
     /// Emulate a LucidControl module on a pseudo-terminal.
     Emulate {
         /// Module class: DI4, DI8, AI4, AI8, RI4, RI8, DO4, DO8, AO4, AO8, DI4DO4 or 4 hex digits.
@@ -103,6 +109,50 @@ pub enum Cmd {
         #[arg(long)]
         silent: bool,
     },
+}
+
+/// `lucidgate attach` options (one port; several come from an attach config via --config).
+#[derive(Debug, clap::Args)]
+pub struct AttachArgs {
+    /// HOST:PORT, or SERIAL@HOST[:PORT] (the port defaults to the one the server derives from
+    /// the serial; GetId must then answer that serial). Without it, --config names an attach
+    /// config with [[port]] entries.
+    #[arg(value_name = "TARGET", requires = "link")]
+    pub target: Option<String>,
+    /// The symlink programs open, e.g. /dev/lio0 (removed on exit).
+    #[arg(long, value_name = "PATH")]
+    pub link: Option<PathBuf>,
+    /// CA certificate the server must chain to (ca.crt from `lucidgate cert issue-client`).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate, with its key (NAME.pem from `lucidgate cert issue-client`).
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// The client key, when --cert holds only the certificate.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Name to check the server certificate against (default: the host of TARGET).
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Plain TCP, for a relay configured with transport = "plain".
+    #[arg(long)]
+    pub plain: bool,
+    /// Owner of the pty (name or uid).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Group of the pty (name or gid).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Permissions of the pty, octal (e.g. 0660).
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<String>,
+    /// How long bytes written while disconnected are held before they are dropped (ms; the
+    /// module answer timeout).
+    #[arg(long, value_name = "MS")]
+    pub hold_ms: Option<u64>,
+    /// Longest wait between reconnect attempts (ms).
+    #[arg(long, value_name = "MS")]
+    pub retry_max_ms: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -308,6 +358,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             eprintln!("config OK");
             Ok(0)
         }
+        Cmd::Attach(a) => attach(a, cli.config.as_deref()),
         Cmd::Emulate {
             class,
             serial,
@@ -320,6 +371,40 @@ pub fn run(cli: Cli) -> Result<i32> {
             cert(&cfg, action)
         }
     }
+}
+
+fn attach(a: AttachArgs, config: Option<&Path>) -> Result<i32> {
+    use crate::attach::{self, AttachFile, PortOptions};
+    let specs = match (&a.target, config) {
+        (Some(target), _) => {
+            let link = a
+                .link
+                .as_deref()
+                .context("--link is required with a TARGET")?;
+            let o = PortOptions {
+                ca: a.ca,
+                cert: a.cert,
+                key: a.key,
+                server_name: a.server_name,
+                plain: Some(a.plain),
+                user: a.user,
+                group: a.group,
+                mode: a.mode,
+                hold_ms: a.hold_ms,
+                retry_max_ms: a.retry_max_ms,
+            };
+            let d = crate::config::PortsConfig::default();
+            vec![attach::spec(target, link, &o, d.base, d.span)?]
+        }
+        (None, Some(path)) => {
+            let file = AttachFile::load(path)?;
+            file.specs(&path.display().to_string())?
+        }
+        (None, None) => anyhow::bail!(
+            "attach needs a TARGET (HOST:PORT or SERIAL@HOST) with --link, or --config FILE with [[port]] entries"
+        ),
+    };
+    attach::run(specs)
 }
 
 fn cert(cfg: &Config, action: CertCmd) -> Result<i32> {

@@ -382,11 +382,7 @@ impl Config {
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, origin, &e, None))?;
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            toml_error(text, origin, e.inner(), Some(field))
-        })?;
+        let config: Config = parse_toml(text, origin)?;
         config.validate().map_err(|(table, key, message)| {
             let line = find_line(text, &table, &key);
             let field = if table.is_empty() {
@@ -646,6 +642,49 @@ pub fn check_serial(s: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Deserializes TOML `text` into `T`; errors name `origin`, the line, the column and the field.
+/// Shared by every TOML file lucidgate reads (config, attach config, provisioning requests).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+) -> Result<T, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, origin, &e, None))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        toml_error(text, origin, e.inner(), Some(field))
+    })
+}
+
+/// Reads a UTF-8 text file of at most `max` bytes; errors name the file.
+pub fn read_text(path: &Path, max: u64) -> Result<String, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        source: e,
+        hint: "",
+    })?;
+    if meta.len() > max {
+        return Err(ConfigError::Invalid {
+            location: path.display().to_string(),
+            message: format!(
+                "file is {} bytes; at most {max} bytes are read (is this the right file?)",
+                meta.len()
+            ),
+        });
+    }
+    let text = std::fs::read(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        source: e,
+        hint: "",
+    })?;
+    String::from_utf8(text).map_err(|e| ConfigError::Invalid {
+        location: path.display().to_string(),
+        message: format!(
+            "not UTF-8 text (invalid byte at offset {}); save the file as UTF-8",
+            e.utf8_error().valid_up_to()
+        ),
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

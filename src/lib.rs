@@ -5,8 +5,10 @@
 //! [`daemon`] supervisor reconciles them into running [`relay`]s on ports from [`ports`], each
 //! relay talking to its clients through a [`transport`] (plain or [`tls`], with
 //! certificates from the built-in CA in [`ca`]). [`control`] answers `status`.
+//! [`attach`] is the client side: a local serial port that reconnects by itself.
 //! [`emulator`] is a module on a pty, for tests, the benchmark and `lucidgate emulate`.
 
+pub mod attach;
 pub mod ca;
 pub mod cli;
 pub mod clock;

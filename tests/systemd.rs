@@ -385,3 +385,42 @@ fn units_pass_systemd_analyze_verify_and_score_2_or_better() {
     );
     let _ = std::io::stdout().flush();
 }
+
+#[test]
+fn the_attach_template_passes_verify_and_its_example_config_is_valid() {
+    require_tool("systemd-analyze");
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(repo().join("systemd/lucidgate-attach@.service")).unwrap();
+    assert!(
+        unit.contains("Type=notify")
+            && unit.contains("attach --config /etc/lucidgate/attach/%i.toml")
+    );
+    // An instance of the template, as `systemctl enable lucidgate-attach@lio0` makes it.
+    let instance = dir.path().join("lucidgate-attach@lio0.service");
+    std::fs::write(
+        &instance,
+        unit.replace("/usr/bin/lucidgate", bin().to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&instance)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+
+    // The shipped example parses with the attach config loader.
+    let example = std::fs::read_to_string(repo().join("packaging/attach.toml.example")).unwrap();
+    let parsed: lucidgate::attach::AttachFile =
+        lucidgate::config::parse_toml(&example, "attach.toml.example").unwrap();
+    assert_eq!(parsed.port.len(), 1);
+    assert_eq!(parsed.port[0].link, std::path::Path::new("/dev/lio0"));
+}

@@ -29,6 +29,8 @@ LUCIDGATE_POST_INSTALL_TARGET_HOOKS += LUCIDGATE_INSTALL_CONFIG
 define LUCIDGATE_INSTALL_INIT_SYSTEMD
 	$(INSTALL) -D -m 0644 $(@D)/systemd/lucidgate.service \
 		$(TARGET_DIR)/usr/lib/systemd/system/lucidgate.service
+	$(INSTALL) -D -m 0644 $(@D)/systemd/lucidgate-attach@.service \
+		$(TARGET_DIR)/usr/lib/systemd/system/lucidgate-attach@.service
 endef
 
 $(eval $(cargo-package))

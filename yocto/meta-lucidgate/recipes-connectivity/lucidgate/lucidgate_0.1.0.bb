@@ -29,6 +29,7 @@ SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 do_install:append() {
     install -d ${D}${systemd_system_unitdir}
     install -m 0644 ${S}/systemd/lucidgate.service ${D}${systemd_system_unitdir}/
+    install -m 0644 ${S}/systemd/lucidgate-attach@.service ${D}${systemd_system_unitdir}/
     install -d ${D}${sysconfdir}/lucidgate
     install -m 0644 ${UNPACKDIR}/lucidgate.toml ${D}${sysconfdir}/lucidgate/lucidgate.toml
     install -d ${D}${sysconfdir}/modules-load.d
@@ -39,6 +40,7 @@ do_install:append() {
 
 CONFFILES:${PN} = "${sysconfdir}/lucidgate/lucidgate.toml"
 FILES:${PN} += "${systemd_system_unitdir}/lucidgate.service \
+                ${systemd_system_unitdir}/lucidgate-attach@.service \
                 ${sysconfdir}/modules-load.d/lucidgate.conf \
                 ${nonarch_base_libdir}/udev/rules.d/60-lucidgate.rules \
                 "

@@ -1,0 +1,340 @@
+//! `lucidgate attach`: the client side. A local virtual serial port (a pty behind a fixed
+//! symlink such as `/dev/lio0`) connected to a module served by `lucidgate serve`, over TLS
+//! with a client certificate by default, that reconnects by itself and never goes away while
+//! the process runs.
+//!
+//! [`link`] owns the pty, [`connect`] the way to the server, [`session`] the reconnect loop and
+//! what happens to bytes written while disconnected. This module reads the attach config
+//! (`[[port]]` entries, one process for several modules) and runs one session per port.
+
+pub mod connect;
+pub mod link;
+pub mod session;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, PortsConfig};
+use connect::{Connector, Target, TlsFiles};
+use link::{LocalPort, Ownership};
+use session::{Limits, Session};
+
+/// Largest attach config read.
+pub const MAX_ATTACH_CONFIG_BYTES: u64 = 256 * 1024;
+
+/// The attach config file: defaults for every port, then `[[port]]` entries.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AttachFile {
+    // Defaults for every [[port]] (serde's flatten cannot be combined with deny_unknown_fields,
+    // so the option fields are spelled out here and in PortEntry).
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub plain: Option<bool>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub mode: Option<String>,
+    pub hold_ms: Option<u64>,
+    pub retry_max_ms: Option<u64>,
+    /// Port numbering of the server, for `SERIAL@HOST` targets (default: the server's defaults).
+    pub port_base: Option<u16>,
+    pub port_span: Option<u16>,
+    #[serde(default)]
+    pub port: Vec<PortEntry>,
+}
+
+/// Settings a `[[port]]` entry may override.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortOptions {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub plain: Option<bool>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub mode: Option<String>,
+    pub hold_ms: Option<u64>,
+    pub retry_max_ms: Option<u64>,
+}
+
+/// One attached module.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortEntry {
+    /// `HOST:PORT` or `SERIAL@HOST[:PORT]`.
+    pub target: String,
+    /// The symlink programs open, e.g. /dev/lio0.
+    pub link: PathBuf,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub plain: Option<bool>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub mode: Option<String>,
+    pub hold_ms: Option<u64>,
+    pub retry_max_ms: Option<u64>,
+}
+
+macro_rules! options_of {
+    ($v:expr) => {
+        PortOptions {
+            ca: $v.ca.clone(),
+            cert: $v.cert.clone(),
+            key: $v.key.clone(),
+            server_name: $v.server_name.clone(),
+            plain: $v.plain,
+            user: $v.user.clone(),
+            group: $v.group.clone(),
+            mode: $v.mode.clone(),
+            hold_ms: $v.hold_ms,
+            retry_max_ms: $v.retry_max_ms,
+        }
+    };
+}
+
+impl AttachFile {
+    /// The defaults every [[port]] starts from.
+    pub fn defaults(&self) -> PortOptions {
+        options_of!(self)
+    }
+}
+
+impl PortEntry {
+    pub fn options(&self) -> PortOptions {
+        options_of!(self)
+    }
+}
+
+impl PortOptions {
+    /// `self` with unset fields taken from `defaults`.
+    pub fn or(&self, defaults: &PortOptions) -> PortOptions {
+        PortOptions {
+            ca: self.ca.clone().or_else(|| defaults.ca.clone()),
+            cert: self.cert.clone().or_else(|| defaults.cert.clone()),
+            key: self.key.clone().or_else(|| defaults.key.clone()),
+            server_name: self
+                .server_name
+                .clone()
+                .or_else(|| defaults.server_name.clone()),
+            plain: self.plain.or(defaults.plain),
+            user: self.user.clone().or_else(|| defaults.user.clone()),
+            group: self.group.clone().or_else(|| defaults.group.clone()),
+            mode: self.mode.clone().or_else(|| defaults.mode.clone()),
+            hold_ms: self.hold_ms.or(defaults.hold_ms),
+            retry_max_ms: self.retry_max_ms.or(defaults.retry_max_ms),
+        }
+    }
+}
+
+/// A port ready to open: everything parsed and checked.
+#[derive(Debug, Clone)]
+pub struct PortSpec {
+    pub target: Target,
+    pub link: PathBuf,
+    pub ownership: Ownership,
+    pub connector: Connector,
+    pub limits: Limits,
+}
+
+impl AttachFile {
+    /// Reads and checks an attach config; errors name the file, the line and the field.
+    pub fn load(path: &Path) -> Result<AttachFile, ConfigError> {
+        let text = crate::config::read_text(path, MAX_ATTACH_CONFIG_BYTES)?;
+        let origin = path.display().to_string();
+        let file: AttachFile = crate::config::parse_toml(&text, &origin)?;
+        if file.port.is_empty() {
+            return Err(ConfigError::Invalid {
+                location: origin,
+                message: "no [[port]] entry; add one with target = \"HOST:PORT\" and link = \"/dev/lio0\"".into(),
+            });
+        }
+        Ok(file)
+    }
+
+    /// Turns every entry into a [`PortSpec`]; errors name the entry.
+    pub fn specs(&self, origin: &str) -> Result<Vec<PortSpec>> {
+        let defaults = PortsConfig::default();
+        let base = self.port_base.unwrap_or(defaults.base);
+        let span = self.port_span.unwrap_or(defaults.span);
+        let mut links = BTreeSet::new();
+        let mut out = Vec::new();
+        for (i, entry) in self.port.iter().enumerate() {
+            let at = format!("{origin}, [[port]] #{} ({})", i + 1, entry.target);
+            if !links.insert(entry.link.clone()) {
+                anyhow::bail!(
+                    "{at}: link {} is used by an earlier [[port]]",
+                    entry.link.display()
+                );
+            }
+            let spec = spec(
+                &entry.target,
+                &entry.link,
+                &entry.options().or(&self.defaults()),
+                base,
+                span,
+            )
+            .with_context(|| at.clone())?;
+            out.push(spec);
+        }
+        Ok(out)
+    }
+}
+
+/// Builds one port's spec from its options.
+pub fn spec(target: &str, link: &Path, o: &PortOptions, base: u16, span: u16) -> Result<PortSpec> {
+    let target = connect::parse_target(target, base, span).map_err(anyhow::Error::msg)?;
+    let connector = if o.plain.unwrap_or(false) {
+        Connector::Plain
+    } else {
+        Connector::tls(
+            &target.host,
+            &TlsFiles {
+                ca: o.ca.clone(),
+                cert: o.cert.clone(),
+                key: o.key.clone(),
+                server_name: o.server_name.clone(),
+            },
+        )?
+    };
+    let mode = o
+        .mode
+        .as_deref()
+        .map(link::parse_mode)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("mode {e}"))?;
+    if !link.is_absolute() {
+        anyhow::bail!(
+            "link {} is not an absolute path (e.g. /dev/lio0)",
+            link.display()
+        );
+    }
+    let defaults = Limits::default();
+    let limits = Limits {
+        hold: o
+            .hold_ms
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.hold),
+        retry_min: defaults.retry_min,
+        retry_max: o
+            .retry_max_ms
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.retry_max),
+    };
+    Ok(PortSpec {
+        target,
+        link: link.to_path_buf(),
+        ownership: Ownership {
+            user: o.user.clone(),
+            group: o.group.clone(),
+            mode,
+        },
+        connector,
+        limits,
+    })
+}
+
+/// Opens every port, then runs their sessions until SIGTERM/SIGINT; removes the links on exit.
+pub fn run(specs: Vec<PortSpec>) -> Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let cancel = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for s in specs {
+            let port = LocalPort::open(&s.link, &s.ownership)
+                .with_context(|| format!("creating the local port {}", s.link.display()))?;
+            tracing::info!(
+                "{} -> {} ({}); programs open {}",
+                s.link.display(),
+                port.slave_path().display(),
+                s.target,
+                s.link.display()
+            );
+            // Scripts learn that the link exists from this line on stdout.
+            println!("{}", s.link.display());
+            let _ = std::io::stdout().flush();
+            let span = tracing::info_span!("attach", link = %s.link.display(), target = %s.target);
+            let session = Session {
+                target: s.target,
+                connector: s.connector,
+                port,
+                limits: s.limits,
+            };
+            let c = cancel.clone();
+            tasks.spawn(tracing::Instrument::instrument(session.run(c), span));
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: removing the links and stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: removing the links and stopping"),
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        cancel.cancel();
+        // Each session drops its pty (and removes its link) as it returns.
+        while tasks.join_next().await.is_some() {}
+        Ok(0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AttachFile, String> {
+        crate::config::parse_toml(text, "attach.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_file_with_defaults_and_ports() {
+        let f = parse(
+            "plain = true\nhold_ms = 500\n[[port]]\ntarget = \"pi:4001\"\nlink = \"/dev/lio0\"\n[[port]]\ntarget = \"11001001FA480000@pi\"\nlink = \"/dev/lio1\"\nmode = \"0660\"\nhold_ms = 200\n",
+        )
+        .unwrap();
+        let specs = f.specs("attach.toml").unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].limits.hold, Duration::from_millis(500));
+        assert_eq!(specs[1].limits.hold, Duration::from_millis(200));
+        assert_eq!(specs[1].ownership.mode, Some(0o660));
+        assert_eq!(
+            specs[1].target.port,
+            crate::ports::derive("11001001FA480000", 4000, 1000)
+        );
+    }
+
+    #[test]
+    fn bad_files_name_line_field_and_entry() {
+        let e = parse("[[port]]\ntarget = \"pi:1\"\nlnk = \"/dev/x\"\n").unwrap_err();
+        assert!(e.contains("line 3") && e.contains("lnk"), "{e}");
+        let f = parse("plain = true\n[[port]]\ntarget = \"pi\"\nlink = \"/dev/x\"\n").unwrap();
+        let e = format!("{:#}", f.specs("attach.toml").unwrap_err());
+        assert!(
+            e.contains("[[port]] #1 (pi)") && e.contains("has no port"),
+            "{e}"
+        );
+        let f = parse("[[port]]\ntarget = \"pi:1\"\nlink = \"/dev/x\"\n").unwrap();
+        let e = format!("{:#}", f.specs("attach.toml").unwrap_err());
+        assert!(e.contains("--ca"), "{e}");
+        let f = parse(
+            "plain = true\n[[port]]\ntarget = \"pi:1\"\nlink = \"/dev/x\"\n[[port]]\ntarget = \"pi:2\"\nlink = \"/dev/x\"\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", f.specs("attach.toml").unwrap_err());
+        assert!(e.contains("#2") && e.contains("earlier"), "{e}");
+    }
+}
