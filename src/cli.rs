@@ -233,6 +233,18 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The daemon's runtime: one thread. A relay is a byte pump whose every wake-up is I/O; on one
+/// thread a byte read from the serial port is written to the socket by the same thread, with no
+/// cross-thread wake-up, and there is one thread stack and one malloc arena instead of one per
+/// core (measured in docs/benchmarks.md: lower round trip and RSS than the multi-thread runtime).
+/// Blocking work (PKI files, key generation) goes to `spawn_blocking`; udev has its own thread.
+fn serve_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Cmd::Serve { demo, no_udev } => {
@@ -261,7 +273,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 None
             };
             let mut systemd = crate::systemd::Systemd::from_env();
-            runtime()?.block_on(daemon::serve(
+            serve_runtime()?.block_on(daemon::serve(
                 cfg,
                 ServeOptions { no_udev, source },
                 &mut systemd,

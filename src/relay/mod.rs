@@ -6,6 +6,7 @@
 
 pub mod listen;
 pub mod pump;
+pub mod tty;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -16,7 +17,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_serial::SerialStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
@@ -25,6 +25,7 @@ use crate::config::{ClientPolicy, Limits, TransportKind};
 use crate::transport::{Accepted, Transport};
 use listen::{AcceptConfig, Incoming};
 use pump::{SessionEnd, Traffic};
+use tty::Tty;
 
 /// Bytes read from the module while no client is connected are read (so the module never
 /// blocks) and discarded, this many at a time.
@@ -115,20 +116,9 @@ impl RelayHandle {
     }
 }
 
-/// Opens the module's serial port: exclusive, raw, 8N1, no flow control.
-pub fn open_serial(devnode: &std::path::Path, baud: u32) -> Result<SerialStream> {
-    let builder = tokio_serial::new(devnode.to_string_lossy(), baud)
-        .data_bits(tokio_serial::DataBits::Eight)
-        .parity(tokio_serial::Parity::None)
-        .stop_bits(tokio_serial::StopBits::One)
-        .flow_control(tokio_serial::FlowControl::None);
-    let port = SerialStream::open(&builder).with_context(|| {
-        format!(
-            "opening serial port {} (is another program using it? does lucidgate's user have access, e.g. group dialout?)",
-            devnode.display()
-        )
-    })?;
-    Ok(port)
+/// Opens the module's serial port: exclusive, raw, 8N1, no flow control (see [`tty`]).
+pub fn open_serial(devnode: &std::path::Path, baud: u32) -> Result<Tty> {
+    Tty::open(devnode, baud)
 }
 
 /// Starts a relay on already-bound listeners and an open serial port.
@@ -138,7 +128,7 @@ pub fn start(
     port: u16,
     generation: u64,
     listeners: Vec<std::net::TcpListener>,
-    serial: SerialStream,
+    serial: Tty,
     transport: Transport,
     parent: &CancellationToken,
     tracker: &TaskTracker,
@@ -197,7 +187,7 @@ pub fn start(
 
 struct Relay {
     spec: RelaySpec,
-    serial: SerialStream,
+    serial: Tty,
     incoming: mpsc::Receiver<Incoming>,
     stats: Arc<RelayStats>,
     cancel: CancellationToken,
