@@ -951,7 +951,7 @@ fn markdown(r: &Report) -> String {
     md.push_str(&format!(
         "Measured {} on {} with `cargo bench --bench relay -- --full --out docs`, all servers in one run,\n\
          in front of the same module emulator on ptys, with the same client. Shared machines are noisy:\n\
-         read the ratios, not the absolute numbers.\n\n",
+         read the ratios, not the absolute numbers. Goals, profile and before/after: [performance.md](performance.md).\n\n",
         r.date, r.machine
     ));
     let lg = r.single.iter().find(|x| x.server == "lucidgate");

@@ -27,7 +27,12 @@ pub struct Tty {
     fd: AsyncFd<OwnedFd>,
     /// A dup of the fd registered for writability, only while writes would block.
     write_wait: Option<AsyncFd<OwnedFd>>,
+    /// Writes that went through at once since the last one that would have blocked.
+    clean_writes: u32,
 }
+
+/// After this many writes in a row that did not block, the writability registration goes.
+pub const KEEP_WRITE_WAIT: u32 = 16;
 
 fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open (and its number) until
@@ -66,6 +71,7 @@ impl Tty {
         Ok(Tty {
             fd: register(fd, Interest::READABLE)?,
             write_wait: None,
+            clean_writes: 0,
         })
     }
 }
@@ -79,15 +85,21 @@ impl AsyncRead for Tty {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| {
-                nix::unistd::read(fd.get_ref().as_fd(), unfilled).map_err(io::Error::from)
-            }) {
-                Ok(Ok(n)) => {
+            let want = unfilled.len();
+            match nix::unistd::read(self.fd.get_ref().as_fd(), unfilled) {
+                Ok(n) => {
+                    // A short read drained the tty: wait for the next edge instead of reading
+                    // again only to get EAGAIN (what tokio does for sockets; one syscall less
+                    // per answer).
+                    if n < want {
+                        guard.clear_ready();
+                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+                Err(Errno::EAGAIN) => guard.clear_ready(),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
     }
@@ -103,9 +115,15 @@ impl AsyncWrite for Tty {
         loop {
             match nix::unistd::write(self.fd.get_ref(), data) {
                 Ok(n) => {
-                    if !blocked {
-                        // Writes go through at once again: stop listening for writability.
-                        self.write_wait = None;
+                    if blocked {
+                        self.clean_writes = 0;
+                    } else if self.write_wait.is_some() {
+                        // Writes go through at once again: after a few, stop listening for
+                        // writability (kept meanwhile so bulk transfers do not re-register).
+                        self.clean_writes += 1;
+                        if self.clean_writes >= KEEP_WRITE_WAIT {
+                            self.write_wait = None;
+                        }
                     }
                     return Poll::Ready(Ok(n));
                 }
