@@ -339,8 +339,8 @@ impl Config {
     /// Loads `path`. With `required == false` a missing file means "all defaults" (the default
     /// path need not exist); an explicitly named file must exist.
     pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
+        match std::fs::metadata(path) {
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
                 return Ok(Config::default());
             }
@@ -355,28 +355,8 @@ impl Config {
                     source: e,
                 });
             }
-        };
-        if meta.len() > MAX_CONFIG_BYTES {
-            return Err(ConfigError::Invalid {
-                location: path.display().to_string(),
-                message: format!(
-                    "file is {} bytes; a config is at most {MAX_CONFIG_BYTES} bytes (is this the right file?)",
-                    meta.len()
-                ),
-            });
         }
-        let text = std::fs::read(path).map_err(|e| ConfigError::Read {
-            path: path.to_path_buf(),
-            source: e,
-            hint: "",
-        })?;
-        let text = String::from_utf8(text).map_err(|e| ConfigError::Invalid {
-            location: path.display().to_string(),
-            message: format!(
-                "not UTF-8 text (invalid byte at offset {}); save the file as UTF-8",
-                e.utf8_error().valid_up_to()
-            ),
-        })?;
+        let text = read_text(path, MAX_CONFIG_BYTES, "config")?;
         Config::parse(&text, &path.display().to_string())
     }
 
@@ -657,8 +637,9 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Reads a UTF-8 text file of at most `max` bytes; errors name the file.
-pub fn read_text(path: &Path, max: u64) -> Result<String, ConfigError> {
+/// Reads a UTF-8 text file (a `what`: config, attach config, ...) of at most `max` bytes;
+/// errors name the file.
+pub fn read_text(path: &Path, max: u64, what: &str) -> Result<String, ConfigError> {
     let meta = std::fs::metadata(path).map_err(|e| ConfigError::Read {
         path: path.to_path_buf(),
         source: e,
@@ -668,7 +649,7 @@ pub fn read_text(path: &Path, max: u64) -> Result<String, ConfigError> {
         return Err(ConfigError::Invalid {
             location: path.display().to_string(),
             message: format!(
-                "file is {} bytes; at most {max} bytes are read (is this the right file?)",
+                "file is {} bytes; a {what} is at most {max} bytes (is this the right file?)",
                 meta.len()
             ),
         });

@@ -369,7 +369,7 @@ impl Supervisor {
                 .assign(&spec.serial, &self.config, &in_use, |p| {
                     relay::listen::bind_all(&listen, p)
                 })?;
-        let serial_port = relay::open_serial(&spec.devnode, spec.baud)?;
+        let serial_port = relay::tty::Tty::open(&spec.devnode, spec.baud)?;
         self.generation += 1;
         let transport = match spec.transport {
             TransportKind::Plain => Transport::Plain,

@@ -329,21 +329,17 @@ fn journald_gets_structured_fields_for_plug_connect_and_refuse() {
     drop(d);
 }
 
-#[test]
-fn units_pass_systemd_analyze_verify_and_score_2_or_better() {
-    require_tool("systemd-analyze");
-    let dir = tempfile::tempdir().unwrap();
-    // verify wants the ExecStart binary to exist: check a copy pointing at the built one.
-    let unit = std::fs::read_to_string(repo().join("systemd/lucidgate.service")).unwrap();
-    let unit_path = dir.path().join("lucidgate.service");
+/// Writes `unit` to `path` with ExecStart pointing at the built binary (verify wants it to
+/// exist) and asserts `systemd-analyze verify` accepts it without a word.
+fn verify_unit(unit: &str, path: &std::path::Path) {
     std::fs::write(
-        &unit_path,
+        path,
         unit.replace("/usr/bin/lucidgate", bin().to_str().unwrap()),
     )
     .unwrap();
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
-        .arg(&unit_path)
+        .arg(path)
         .output()
         .unwrap();
     let said = format!(
@@ -353,8 +349,18 @@ fn units_pass_systemd_analyze_verify_and_score_2_or_better() {
     );
     assert!(
         out.status.success() && said.trim().is_empty(),
-        "systemd-analyze verify: {said}"
+        "systemd-analyze verify {}: {said}",
+        path.display()
     );
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify_and_score_2_or_better() {
+    require_tool("systemd-analyze");
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(repo().join("systemd/lucidgate.service")).unwrap();
+    let unit_path = dir.path().join("lucidgate.service");
+    verify_unit(&unit, &unit_path);
 
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--no-pager"])
@@ -396,26 +402,7 @@ fn the_attach_template_passes_verify_and_its_example_config_is_valid() {
             && unit.contains("attach --config /etc/lucidgate/attach/%i.toml")
     );
     // An instance of the template, as `systemctl enable lucidgate-attach@lio0` makes it.
-    let instance = dir.path().join("lucidgate-attach@lio0.service");
-    std::fs::write(
-        &instance,
-        unit.replace("/usr/bin/lucidgate", bin().to_str().unwrap()),
-    )
-    .unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(&instance)
-        .output()
-        .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "systemd-analyze verify: {said}"
-    );
+    verify_unit(&unit, &dir.path().join("lucidgate-attach@lio0.service"));
 
     // The shipped example parses with the attach config loader.
     let example = std::fs::read_to_string(repo().join("packaging/attach.toml.example")).unwrap();

@@ -150,7 +150,7 @@ pub struct PortSpec {
 impl AttachFile {
     /// Reads and checks an attach config; errors name the file, the line and the field.
     pub fn load(path: &Path) -> Result<AttachFile, ConfigError> {
-        let text = crate::config::read_text(path, MAX_ATTACH_CONFIG_BYTES)?;
+        let text = crate::config::read_text(path, MAX_ATTACH_CONFIG_BYTES, "attach config")?;
         let origin = path.display().to_string();
         let file: AttachFile = crate::config::parse_toml(&text, &origin)?;
         if file.port.is_empty() {

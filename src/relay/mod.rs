@@ -116,11 +116,6 @@ impl RelayHandle {
     }
 }
 
-/// Opens the module's serial port: exclusive, raw, 8N1, no flow control (see [`tty`]).
-pub fn open_serial(devnode: &std::path::Path, baud: u32) -> Result<Tty> {
-    Tty::open(devnode, baud)
-}
-
 /// Starts a relay on already-bound listeners and an open serial port.
 #[allow(clippy::too_many_arguments)]
 pub fn start(
