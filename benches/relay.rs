@@ -149,7 +149,7 @@ fn start(kind: Kind, modules: &[&Path], base: u16, extra_config: &str) -> Result
     match kind {
         Kind::Lucidgate => {
             let mut cfg = format!(
-                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra_config}\n",
+                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra_config}\n[discovery]\nmdns = false\n",
                 dir.path().join("state").display(),
                 dir.path().join("control.sock").display()
             );
@@ -542,7 +542,13 @@ fn single_module(mode: &Mode, r: &mut Report) {
             );
         }
         {
-            let Ok(s) = start(kind, &[raw.path()], base + 5, "").map_err(|e| r.failures.push(e))
+            let Ok(s) = start(
+                kind,
+                &[raw.path()],
+                base + 5,
+                // A raw pty is no module: it must not receive GetId.
+                "[relay]\ntransport = \"plain\"\nidentify = false\n",
+            ).map_err(|e| r.failures.push(e))
             else {
                 r.single.push(row);
                 continue;
@@ -696,7 +702,7 @@ fn hotplug(mode: &Mode, r: &mut Report) {
     std::fs::write(
         &cfg,
         format!(
-            "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n[relay]\ntransport = \"plain\"\n[ports]\nbase = 48000\n",
+            "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n[relay]\ntransport = \"plain\"\n[ports]\nbase = 48000\n[discovery]\nmdns = false\n",
             dir.path().join("s").display(),
             dir.path().join("c.sock").display()
         ),

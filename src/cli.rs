@@ -650,16 +650,21 @@ pub fn status_table(report: &StatusReport) -> String {
         "PORT",
         "TRANSPORT",
         "CLIENTS",
+        "REQUESTS",
         "STATE",
         "SINCE",
     ];
-    let rows: Vec<[String; 8]> = report
+    let rows: Vec<[String; 9]> = report
         .modules
         .iter()
         .map(|m| {
             [
                 m.serial.clone(),
-                m.model.clone(),
+                // What the module says it is, once it has been asked.
+                match &m.identity {
+                    Some(id) => format!("{} (fw {:#06x})", id.class, id.firmware),
+                    None => m.model.clone(),
+                },
                 m.devnode.clone(),
                 m.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 m.transport.clone(),
@@ -667,9 +672,14 @@ pub fn status_table(report: &StatusReport) -> String {
                     Some(c) => format!("{} ({c})", m.clients),
                     None => m.clients.to_string(),
                 },
-                match &m.error {
-                    Some(e) => format!("{}: {e}", m.state),
-                    None => m.state.clone(),
+                m.metrics
+                    .as_ref()
+                    .map(|x| x.requests.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                match (&m.error, &m.identity_error) {
+                    (Some(e), _) => format!("{}: {e}", m.state),
+                    (None, Some(e)) => format!("{} (identity {}: {e})", m.state, m.identity_state),
+                    (None, None) => m.state.clone(),
                 },
                 m.since.clone().unwrap_or_else(|| "-".into()),
             ]

@@ -34,6 +34,8 @@ pub struct Config {
     pub relay: RelayConfig,
     pub tls: TlsConfig,
     pub limits: Limits,
+    pub discovery: DiscoveryConfig,
+    pub metrics: MetricsConfig,
     /// Match rules in addition to the built-in ones (vendor `deciphe_it`, model `LucidIo*`).
     #[serde(rename = "match", skip_serializing_if = "Vec::is_empty")]
     pub match_rules: Vec<MatchRule>,
@@ -60,12 +62,43 @@ impl Default for Config {
             relay: RelayConfig::default(),
             tls: TlsConfig::default(),
             limits: Limits::default(),
+            discovery: DiscoveryConfig::default(),
+            metrics: MetricsConfig::default(),
             match_rules: Vec::new(),
             builtin_match: true,
             modules: BTreeMap::new(),
             devices: Vec::new(),
         }
     }
+}
+
+/// Announcing served modules on the local network by mDNS/DNS-SD (`_lucidgate._tcp`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// Announce each served module (off: nothing is sent or listened for on UDP 5353).
+    pub mdns: bool,
+    /// Host name announced (without `.local`); empty: the machine's host name.
+    pub hostname: String,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            mdns: true,
+            hostname: String::new(),
+        }
+    }
+}
+
+/// The optional OpenMetrics (Prometheus) endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address to serve `GET /metrics` on, e.g. `127.0.0.1:9464`; unset: no endpoint (the
+    /// counters are in `lucidgate status --json` either way).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The port rule: `base + serial % span` unless a module has a fixed or remembered port.
@@ -93,6 +126,9 @@ pub struct RelayConfig {
     pub policy: ClientPolicy,
     /// Line speed set on the serial port (CDC-ACM ignores it; set anyway, as the vendor does).
     pub baud: u32,
+    /// Ask each module GetId when its relay starts (turn off for ttys that are not
+    /// LucidControl modules: they would receive the 4 request bytes).
+    pub identify: bool,
 }
 
 impl Default for RelayConfig {
@@ -101,6 +137,7 @@ impl Default for RelayConfig {
             transport: TransportKind::Mtls,
             policy: ClientPolicy::Exclusive,
             baud: 115_200,
+            identify: true,
         }
     }
 }
@@ -141,6 +178,9 @@ pub enum ClientPolicy {
     Exclusive,
     /// The newest client wins; the previous one is disconnected.
     KickOld,
+    /// Several clients at once: lucidgate parses their requests, sends the module one at a
+    /// time and routes each answer to the client that asked (protocol-aware, see `relay::shared`).
+    Shared,
 }
 
 impl fmt::Display for ClientPolicy {
@@ -148,6 +188,7 @@ impl fmt::Display for ClientPolicy {
         f.write_str(match self {
             ClientPolicy::Exclusive => "exclusive",
             ClientPolicy::KickOld => "kick-old",
+            ClientPolicy::Shared => "shared",
         })
     }
 }
@@ -223,6 +264,11 @@ pub struct Limits {
     pub handshake_timeout_ms: u64,
     /// TLS handshakes in progress at once, across all modules.
     pub max_handshakes: usize,
+    /// Clients of one module at once with `policy = "shared"` (more are refused with a log line).
+    pub max_clients_per_module: usize,
+    /// How long lucidgate waits for a module's answer when it speaks the protocol itself
+    /// (GetId at start, shared mode, read-only clients); the protocol says about 1 s.
+    pub answer_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -238,6 +284,8 @@ impl Default for Limits {
             max_control_clients: 8,
             handshake_timeout_ms: 10_000,
             max_handshakes: 64,
+            max_clients_per_module: 16,
+            answer_timeout_ms: 1_000,
         }
     }
 }
@@ -275,6 +323,8 @@ pub struct ModuleOverride {
     pub policy: Option<ClientPolicy>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport: Option<TransportKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identify: Option<bool>,
     /// Only these client names (certificate CN) may use the module; overrides the rights in
     /// client certificates.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -289,6 +339,7 @@ impl Default for ModuleOverride {
             baud: None,
             policy: None,
             transport: None,
+            identify: None,
             allow: None,
         }
     }
@@ -332,6 +383,7 @@ pub struct ModuleSettings {
     pub baud: u32,
     pub policy: ClientPolicy,
     pub transport: TransportKind,
+    pub identify: bool,
     pub allow: Option<Vec<String>>,
 }
 
@@ -432,6 +484,20 @@ impl Config {
         }
         if l.max_handshakes == 0 {
             return err("limits", "max_handshakes", "must be 1 or more".into());
+        }
+        if l.max_clients_per_module == 0 {
+            return err(
+                "limits",
+                "max_clients_per_module",
+                "must be 1 or more".into(),
+            );
+        }
+        if !(10..=60_000).contains(&l.answer_timeout_ms) {
+            return err(
+                "limits",
+                "answer_timeout_ms",
+                "must be between 10 and 60000 (the protocol's timeout is 1000)".into(),
+            );
         }
         let t = &self.tls;
         for (key, v) in [
@@ -569,6 +635,7 @@ impl Config {
             baud: o.baud.unwrap_or(self.relay.baud),
             policy: o.policy.unwrap_or(self.relay.policy),
             transport: o.transport.unwrap_or(self.relay.transport),
+            identify: o.identify.unwrap_or(self.relay.identify),
             allow: o.allow,
         }
     }

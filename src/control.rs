@@ -52,6 +52,18 @@ pub struct ModuleStatus {
     pub refused: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// GetId at relay start: `pending`, `ok`, `mismatch` or `failed` (empty when not served).
+    #[serde(default)]
+    pub identity_state: String,
+    /// What GetId said (class, type, firmware, hardware, serial).
+    #[serde(default)]
+    pub identity: Option<crate::relay::identify::ModuleIdentity>,
+    /// What is wrong with the identity, if anything.
+    #[serde(default)]
+    pub identity_error: Option<String>,
+    /// Protocol counters (requests, answers by status, timeouts, refused writes).
+    #[serde(default)]
+    pub metrics: Option<crate::relay::metrics::MetricsSnapshot>,
 }
 
 /// The answer to `status`.

@@ -276,10 +276,13 @@ impl Supervisor {
             baud: s.baud,
             policy: s.policy,
             transport: s.transport,
+            identify: s.identify,
             buffer_bytes: 0,
             idle_timeout: None,
             keepalive: Duration::ZERO,
             max_pending: 1,
+            max_clients: 1,
+            answer_timeout: Duration::ZERO,
         };
         spec.limits_from(&self.config.limits);
         spec
@@ -448,6 +451,10 @@ impl Supervisor {
                 refused: 0,
                 bytes_up: 0,
                 bytes_down: 0,
+                identity_state: String::new(),
+                identity: None,
+                identity_error: None,
+                metrics: None,
             };
             if let Some(reason) = not.get(key) {
                 m.state = reason.to_string();
@@ -462,7 +469,15 @@ impl Supervisor {
                 m.port = Some(r.handle.port);
                 m.port_source = Some(r.source.to_string());
                 m.clients = st.clients.load(Relaxed);
-                m.client = st.client.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                {
+                    let list = st.client.lock().unwrap_or_else(|p| p.into_inner());
+                    m.client = (!list.is_empty()).then(|| list.join(", "));
+                }
+                m.metrics = Some(st.metrics.snapshot());
+                let id = st.identity.lock().unwrap_or_else(|p| p.into_inner());
+                m.identity_state = id.label().to_string();
+                m.identity = id.identity().cloned();
+                m.identity_error = id.problem(&info.serial);
                 m.since = Some(humantime::format_rfc3339_seconds(r.handle.since).to_string());
                 m.sessions = st.sessions.load(Relaxed);
                 m.refused = st.refused.load(Relaxed);

@@ -75,6 +75,36 @@ pub fn opcode_name(opc: u8) -> &'static str {
     }
 }
 
+/// Whether an opcode is one the protocol defines: a frame that starts with anything else means
+/// the sender is not speaking the protocol (or lost track of the framing).
+pub fn is_known_opcode(opc: u8) -> bool {
+    matches!(
+        opc,
+        opcode::SET_IO
+            | opcode::SET_IO_GROUP
+            | opcode::GET_IO
+            | opcode::GET_IO_GROUP
+            | opcode::CALIB_IO
+            | opcode::SET_PARAM
+            | opcode::GET_PARAM
+            | opcode::GET_ID
+    )
+}
+
+/// Longest request frame: 5 header bytes and 255 data bytes.
+pub const MAX_REQUEST_LEN: usize = 5 + 255;
+/// Longest answer frame: status, length and 255 data bytes.
+pub const MAX_ANSWER_LEN: usize = 2 + 255;
+
+/// Header length of a request that starts with `opc` and `p1`.
+pub fn request_header_len(opc: u8, p1: u8) -> usize {
+    if is_group(opc) && p1 & GROUP_EXTENDED_MASK_BIT != 0 {
+        5
+    } else {
+        4
+    }
+}
+
 fn is_group(opc: u8) -> bool {
     opc == opcode::SET_IO_GROUP || opc == opcode::GET_IO_GROUP
 }
@@ -109,13 +139,8 @@ impl Request {
         }
     }
 
-    /// Header length of a request that starts with `opc` and `p1`.
     fn header_len(opc: u8, p1: u8) -> usize {
-        if is_group(opc) && p1 & GROUP_EXTENDED_MASK_BIT != 0 {
-            5
-        } else {
-            4
-        }
+        request_header_len(opc, p1)
     }
 
     /// Returns the length of the whole frame at the start of `buf`, or how much more is needed.

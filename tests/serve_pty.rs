@@ -208,3 +208,66 @@ fn fixed_port_override_and_busy_port_is_reported() {
     assert_eq!(d.wait_serving(AO4), 38001);
     assert_eq!(d.module(AO4).unwrap()["port_source"], "fixed");
 }
+
+/// GetId at relay start: class, type, firmware, hardware and serial in status and the journal
+/// fields; a module whose GetId serial disagrees, or that does not answer, is reported and served.
+#[test]
+fn modules_are_identified_and_problems_reported_but_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let di4 = lucidgate::emulator::default_serial(0x0000);
+    let links: Vec<_> = (0..4).map(|i| dir.path().join(format!("m{i}"))).collect();
+    let _ao4 = Emulator::start(&links[0], "AO4", AO4);
+    let _di4 = Emulator::start(&links[1], "DI4", &di4);
+    // Says it is ...FA480002 over GetId, but the config names it ...FA480009.
+    let _liar = Emulator::start(&links[2], "AO4", "11001001FA480002");
+    let _silent = Emulator::start_with(&links[3], "AO4", "11001001FA480003", &["--silent"]);
+    let extra = format!(
+        "{}{}{}{}",
+        static_device(&links[0], AO4),
+        static_device(&links[1], &di4),
+        static_device(&links[2], "11001001FA480009"),
+        static_device(&links[3], "11001001FA480003"),
+    );
+    let d = Daemon::start(37500, &extra, None);
+    let settled = |serial: &str| {
+        wait_until(&format!("{serial} identified"), || {
+            d.module(serial)
+                .filter(|m| m["identity_state"] != "pending" && m["state"] == "serving")
+        })
+    };
+    let m = settled(AO4);
+    assert_eq!(m["identity_state"], "ok", "{m}");
+    assert_eq!(m["identity"]["class"], "AO4");
+    assert_eq!(m["identity"]["serial"], AO4);
+    assert_eq!(m["identity"]["type_id"], 0x1001);
+    assert!(m["identity"]["firmware"].as_u64().is_some());
+    let m = settled(&di4);
+    assert_eq!(m["identity"]["class"], "DI4", "{m}");
+    let m = settled("11001001FA480009");
+    assert_eq!(m["identity_state"], "mismatch", "{m}");
+    assert!(
+        m["identity_error"]
+            .as_str()
+            .unwrap()
+            .contains("11001001FA480002"),
+        "{m}"
+    );
+    let m = settled("11001001FA480003");
+    assert_eq!(m["identity_state"], "failed", "{m}");
+    assert!(
+        m["identity_error"].as_str().unwrap().contains("no answer"),
+        "{m}"
+    );
+    // Served anyway, and the identification left nothing behind for the first client.
+    let mut c = connect(d.wait_serving(AO4));
+    assert_eq!(ask(&mut c, &GET_ID), get_id_answer(AO4));
+    let mut c = connect(d.wait_serving("11001001FA480009"));
+    assert_eq!(ask(&mut c, &GET_ID), get_id_answer("11001001FA480002"));
+    let log = d.log();
+    assert!(
+        log.contains("event=\"identified\"") && log.contains("module_class=AO4"),
+        "{log}"
+    );
+    assert!(log.contains("event=\"identity-mismatch\""), "{log}");
+    assert!(log.contains("event=\"identity-failed\""), "{log}");
+}

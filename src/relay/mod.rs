@@ -4,8 +4,12 @@
 //! closes clients, listeners and the port. It tells the supervisor how it ended through
 //! [`RelayExit`], so an unplug seen as EIO on the port is handled like a udev remove.
 
+pub mod identify;
 pub mod listen;
+pub mod metrics;
+pub mod module;
 pub mod pump;
+pub mod shared;
 pub mod tty;
 
 use std::net::{IpAddr, SocketAddr};
@@ -46,10 +50,16 @@ pub struct RelaySpec {
     pub baud: u32,
     pub policy: ClientPolicy,
     pub transport: TransportKind,
+    /// Ask the module GetId before serving it.
+    pub identify: bool,
     pub buffer_bytes: usize,
     pub idle_timeout: Option<Duration>,
     pub keepalive: Duration,
     pub max_pending: usize,
+    /// Clients at once under `policy = "shared"`.
+    pub max_clients: usize,
+    /// How long the module gets to answer a request lucidgate forwards frame by frame.
+    pub answer_timeout: Duration,
 }
 
 impl RelaySpec {
@@ -59,6 +69,8 @@ impl RelaySpec {
             (limits.idle_timeout_secs > 0).then(|| Duration::from_secs(limits.idle_timeout_secs));
         self.keepalive = Duration::from_secs(limits.keepalive_secs);
         self.max_pending = limits.max_pending_per_module;
+        self.max_clients = limits.max_clients_per_module;
+        self.answer_timeout = Duration::from_millis(limits.answer_timeout_ms);
     }
 }
 
@@ -69,8 +81,18 @@ pub struct RelayStats {
     pub sessions: AtomicU64,
     pub refused: AtomicU64,
     pub traffic: Traffic,
-    /// The connected client's address and name, if any.
-    pub client: Mutex<Option<String>>,
+    /// The connected clients' addresses and names.
+    pub client: Mutex<Vec<String>>,
+    /// What GetId said when the relay started.
+    pub identity: Mutex<identify::IdentityState>,
+    /// Protocol counters.
+    pub metrics: metrics::Metrics,
+}
+
+impl RelayStats {
+    fn client_list(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Why a relay ended.
@@ -152,6 +174,7 @@ pub fn start(
         incoming: rx,
         stats: stats.clone(),
         cancel: cancel.clone(),
+        tasks: relay_tasks.clone(),
     };
     let serial_name = spec.serial.clone();
     let join = tracker.spawn(
@@ -186,6 +209,8 @@ struct Relay {
     incoming: mpsc::Receiver<Incoming>,
     stats: Arc<RelayStats>,
     cancel: CancellationToken,
+    /// Acceptors and (in shared mode) client tasks.
+    tasks: TaskTracker,
 }
 
 fn describe(c: &Accepted) -> String {
@@ -203,7 +228,64 @@ impl Relay {
         reason
     }
 
+    /// Asks the module who it is, before any client is served (clients queue meanwhile). Not
+    /// raced against cancellation: the answer is read even when the relay is being stopped.
+    async fn identify(&mut self) -> Result<(), ExitReason> {
+        use identify::IdentityState;
+        let state = match identify::identify(
+            &mut self.serial,
+            &self.spec.serial,
+            self.spec.answer_timeout,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => return Err(ExitReason::DeviceGone(e.to_string())),
+        };
+        match &state {
+            IdentityState::Confirmed(i) => info!(
+                module_class = %i.class,
+                module_type = format!("0x{:04X}", i.type_id),
+                firmware = i.firmware,
+                hardware = i.hardware,
+                event = "identified",
+                "module is a LucidControl {} (type 0x{:04X}, firmware 0x{:04X}, hardware {})",
+                i.class, i.type_id, i.firmware, i.hardware
+            ),
+            IdentityState::Mismatch(i) => warn!(
+                module_class = %i.class,
+                id_serial = %i.serial,
+                event = "identity-mismatch",
+                "GetId reports serial {} but the device says {}: check the [[device]] entry or the module; served anyway",
+                i.serial, self.spec.serial
+            ),
+            IdentityState::Failed(why) => warn!(
+                event = "identity-failed",
+                "could not identify the module on {}: {why}; served anyway (is it a LucidControl module?)",
+                self.spec.devnode.display()
+            ),
+            IdentityState::Pending => {}
+        }
+        *self
+            .stats
+            .identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = state;
+        Ok(())
+    }
+
     async fn serve(&mut self) -> ExitReason {
+        if self.spec.identify
+            && let Err(reason) = self.identify().await
+        {
+            return reason;
+        }
+        if self.cancel.is_cancelled() {
+            return ExitReason::Stopped;
+        }
+        if self.spec.policy == ClientPolicy::Shared {
+            return self.serve_shared().await;
+        }
         let mut drain = [0u8; DRAIN_BUFFER];
         let mut next: Option<Incoming> = None;
         loop {
@@ -234,6 +316,93 @@ impl Relay {
         }
     }
 
+    /// `policy = "shared"`: every client gets a task that parses its requests; the relay
+    /// itself is the module side, exchanging one request at a time in arrival order.
+    async fn serve_shared(&mut self) -> ExitReason {
+        let (ask_tx, mut ask_rx) = mpsc::channel::<shared::Ask>(self.spec.max_clients);
+        let module = shared::serve_module(
+            &mut self.serial,
+            &mut ask_rx,
+            &self.cancel,
+            self.spec.answer_timeout,
+            &self.stats.metrics,
+        );
+        tokio::pin!(module);
+        loop {
+            let incoming = tokio::select! {
+                r = &mut module => return match r {
+                    Ok(()) => ExitReason::Stopped,
+                    Err(e) => ExitReason::DeviceGone(e.to_string()),
+                },
+                i = self.incoming.recv() => match i {
+                    Some(i) => i,
+                    None => return ExitReason::Stopped,
+                },
+            };
+            let Incoming {
+                client: accepted,
+                _permit,
+            } = incoming;
+            drop(_permit);
+            let who = describe(&accepted);
+            let now = self.stats.clients.load(Ordering::Relaxed);
+            if now >= self.spec.max_clients {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                warn!(peer_addr = %accepted.peer, event = "client-refused",
+                    "refused client {who}: {now} clients share the module already (limits.max_clients_per_module)");
+                continue;
+            }
+            self.stats.clients.fetch_add(1, Ordering::Relaxed);
+            self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+            self.stats.client_list().push(who.clone());
+            info!(peer_addr = %accepted.peer, client_name = accepted.name.as_deref().unwrap_or(""), event = "client-connected",
+                "client {who} connected (shared, {} clients)", now + 1);
+            let stats = self.stats.clone();
+            let stop = self.cancel.child_token();
+            let asks = ask_tx.clone();
+            let idle_timeout = self.spec.idle_timeout;
+            self.tasks.spawn(
+                async move {
+                    let mut accepted = accepted;
+                    let ctx = shared::ClientCtx {
+                        who: &who,
+                        read_only: accepted.read_only,
+                        idle_timeout,
+                        metrics: &stats.metrics,
+                        traffic: &stats.traffic,
+                    };
+                    let end = tokio::select! {
+                        e = shared::serve_client(&mut *accepted.stream, &ctx, asks) => e,
+                        _ = stop.cancelled() => SessionEnd::RelayGone,
+                    };
+                    let _ = tokio::time::timeout(CLIENT_CLOSE_TIMEOUT, accepted.stream.shutdown())
+                        .await;
+                    stats.clients.fetch_sub(1, Ordering::Relaxed);
+                    {
+                        let mut list = stats.client_list();
+                        if let Some(i) = list.iter().position(|c| *c == who) {
+                            list.remove(i);
+                        }
+                    }
+                    match end {
+                        SessionEnd::BadFrame(e) => {
+                            warn!(event = "client-disconnected", "client {who} cut off: {e}")
+                        }
+                        SessionEnd::ClientIdle(t) => info!(
+                            event = "client-disconnected",
+                            "client {who} idle for {t:?}; disconnected (limits.idle_timeout_secs)"
+                        ),
+                        SessionEnd::ClientError(e) => {
+                            info!(event = "client-disconnected", "client {who} dropped: {e}")
+                        }
+                        _ => info!(event = "client-disconnected", "client {who} disconnected"),
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+    }
+
     /// Serves one client until it leaves. Returns `Some(Ok(next))` when a newer client takes
     /// over (kick-old), `Some(Err(reason))` when the relay must end, `None` to go idle.
     async fn session(&mut self, incoming: Incoming) -> Option<Result<Incoming, ExitReason>> {
@@ -246,17 +415,44 @@ impl Relay {
         info!(peer_addr = %accepted.peer, client_name = accepted.name.as_deref().unwrap_or(""), event = "client-connected", "client {who} connected");
         self.stats.clients.store(1, Ordering::Relaxed);
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-        *self.stats.client.lock().unwrap_or_else(|p| p.into_inner()) = Some(who.clone());
+        *self.stats.client_list() = vec![who.clone()];
 
         let mut outcome: Option<Result<Incoming, ExitReason>> = None;
         let end = {
-            let pump = pump::pump(
-                &mut *accepted.stream,
-                &mut self.serial,
-                self.spec.buffer_bytes,
-                self.spec.idle_timeout,
-                &self.stats.traffic,
-            );
+            let stats = &*self.stats;
+            let spec = &self.spec;
+            let stream = &mut *accepted.stream;
+            let serial = &mut self.serial;
+            let read_only = accepted.read_only;
+            let who = who.as_str();
+            // Read-only clients are served frame by frame so their writes can be refused;
+            // everyone else gets the raw byte pump.
+            let pump = async move {
+                if read_only {
+                    let ctx = shared::ClientCtx {
+                        who,
+                        read_only,
+                        idle_timeout: spec.idle_timeout,
+                        metrics: &stats.metrics,
+                        traffic: &stats.traffic,
+                    };
+                    shared::serve_alone(stream, serial, &ctx, spec.answer_timeout).await
+                } else {
+                    // An answer to a request whose client left is not this client's.
+                    if let Err(e) = module::discard_pending(serial) {
+                        return SessionEnd::DeviceGone(e);
+                    }
+                    pump::pump(
+                        stream,
+                        serial,
+                        spec.buffer_bytes,
+                        spec.idle_timeout,
+                        &stats.traffic,
+                        &stats.metrics,
+                    )
+                    .await
+                }
+            };
             tokio::pin!(pump);
             loop {
                 tokio::select! {
@@ -296,7 +492,7 @@ impl Relay {
         };
         let _ = tokio::time::timeout(CLIENT_CLOSE_TIMEOUT, accepted.stream.shutdown()).await;
         self.stats.clients.store(0, Ordering::Relaxed);
-        *self.stats.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.stats.client_list().clear();
         match end {
             Some(SessionEnd::ClientClosed) => {
                 info!(event = "client-disconnected", "client {who} disconnected");
@@ -313,6 +509,11 @@ impl Relay {
                 );
                 None
             }
+            Some(SessionEnd::BadFrame(e)) => {
+                warn!(event = "client-disconnected", "client {who} cut off: {e}");
+                None
+            }
+            Some(SessionEnd::RelayGone) => Some(Err(ExitReason::Stopped)),
             Some(SessionEnd::DeviceGone(e)) => Some(Err(ExitReason::DeviceGone(e.to_string()))),
             None => outcome,
         }

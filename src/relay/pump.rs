@@ -5,12 +5,16 @@
 //! queueing. Unlike `copy_bidirectional`, the ends are not symmetric: the module never sends
 //! EOF, so a client's EOF ends the session, and any read or write error on the module means the
 //! module is gone.
+//!
+//! The pump counts frames as they pass ([`Scan`]) without holding any byte back.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::metrics::{Metrics, Scan, Side};
 
 /// How a session ended.
 #[derive(Debug)]
@@ -23,6 +27,10 @@ pub enum SessionEnd {
     ClientIdle(Duration),
     /// The module's device failed or hung up (unplugged).
     DeviceGone(io::Error),
+    /// The client sent something that is not a request frame (protocol-aware sessions only).
+    BadFrame(String),
+    /// The relay is stopping.
+    RelayGone,
 }
 
 /// Byte counters of a relay, updated by the pump.
@@ -53,6 +61,7 @@ pub async fn pump<C, D>(
     buffer_bytes: usize,
     idle_timeout: Option<Duration>,
     traffic: &Traffic,
+    metrics: &Metrics,
 ) -> SessionEnd
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -63,6 +72,8 @@ where
     let (mut device_rx, mut device_tx) = tokio::io::split(device);
     let mut up_buf = vec![0u8; buffer_bytes];
     let mut down_buf = vec![0u8; buffer_bytes];
+    let mut up_scan = Scan::new(Side::Requests);
+    let mut down_scan = Scan::new(Side::Answers);
 
     let up = async {
         loop {
@@ -84,6 +95,7 @@ where
                 return SessionEnd::DeviceGone(e);
             }
             traffic.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+            up_scan.count(&up_buf[..n], metrics);
         }
     };
     let down = async {
@@ -101,6 +113,7 @@ where
                 return SessionEnd::ClientError(e);
             }
             traffic.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
+            down_scan.count(&down_buf[..n], metrics);
         }
     };
     tokio::pin!(up, down);
@@ -158,8 +171,13 @@ mod tests {
             drop(client_far);
             device_far
         };
-        let (end, _device_far) =
-            tokio::join!(pump(&mut client, &mut device, 16, None, &traffic), task);
+        let (end, _device_far) = {
+            let metrics = Metrics::default();
+            tokio::join!(
+                pump(&mut client, &mut device, 16, None, &traffic, &metrics),
+                task
+            )
+        };
         assert!(matches!(end, SessionEnd::ClientClosed), "{end:?}");
         assert_eq!(traffic.bytes_up.load(Ordering::Relaxed), 4);
         assert_eq!(traffic.bytes_down.load(Ordering::Relaxed), 6);
@@ -183,7 +201,13 @@ mod tests {
             assert_eq!(&ans, b"\x00\x01\x07");
             device_far
         };
-        let (end, _d) = tokio::join!(pump(&mut client, &mut device, 16, None, &traffic), task);
+        let (end, _d) = {
+            let metrics = Metrics::default();
+            tokio::join!(
+                pump(&mut client, &mut device, 16, None, &traffic, &metrics),
+                task
+            )
+        };
         assert!(matches!(end, SessionEnd::ClientClosed), "{end:?}");
         assert_eq!(traffic.bytes_down.load(Ordering::Relaxed), 3);
     }
@@ -193,7 +217,15 @@ mod tests {
         let (_client_far, mut client) = tokio::io::duplex(64);
         let (device_far, mut device) = tokio::io::duplex(64);
         drop(device_far);
-        let end = pump(&mut client, &mut device, 16, None, &Traffic::default()).await;
+        let end = pump(
+            &mut client,
+            &mut device,
+            16,
+            None,
+            &Traffic::default(),
+            &Metrics::default(),
+        )
+        .await;
         assert!(matches!(end, SessionEnd::DeviceGone(_)), "{end:?}");
     }
 
@@ -202,7 +234,15 @@ mod tests {
         let (_client_far, mut client) = tokio::io::duplex(64);
         let (_device_far, mut device) = tokio::io::duplex(64);
         let t = Duration::from_secs(30);
-        let end = pump(&mut client, &mut device, 16, Some(t), &Traffic::default()).await;
+        let end = pump(
+            &mut client,
+            &mut device,
+            16,
+            Some(t),
+            &Traffic::default(),
+            &Metrics::default(),
+        )
+        .await;
         assert!(
             matches!(end, SessionEnd::ClientIdle(d) if d == t),
             "{end:?}"

@@ -109,10 +109,13 @@ impl Daemon {
         std::fs::write(
             &self.config,
             format!(
-                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra}\n[ports]\nbase = {}\nspan = 1000\n{}",
+                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra}\n[ports]\nbase = {}\nspan = 1000\n{}{}",
                 state.display(),
                 sock.display(),
                 self.base,
+                // Tests talk to loopback only: no mDNS on the host's network unless a test
+                // asks for it (in a network namespace of its own).
+                if extra.contains("[discovery]") { "" } else { "[discovery]\nmdns = false\n" },
                 // The relay tests talk plain TCP unless they set [relay] themselves.
                 if extra.contains("[relay]") { "" } else { "[relay]\ntransport = \"plain\"\n" }
             ),
