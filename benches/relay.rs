@@ -548,8 +548,8 @@ fn single_module(mode: &Mode, r: &mut Report) {
                 base + 5,
                 // A raw pty is no module: it must not receive GetId.
                 "[relay]\ntransport = \"plain\"\nidentify = false\n",
-            ).map_err(|e| r.failures.push(e))
-            else {
+            )
+            .map_err(|e| r.failures.push(e)) else {
                 r.single.push(row);
                 continue;
             };

@@ -589,6 +589,7 @@ fn emulate(
     println!("{where_}");
     let _ = std::io::stdout().flush();
     let stop = shared.stop.clone();
+    let counters = shared.counters.clone();
     let worker = std::thread::spawn(move || emulator::serve_fd(master, shared));
     rt.block_on(async {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
@@ -598,6 +599,12 @@ fn emulate(
         Ok(r) => r?,
         Err(_) => anyhow::bail!("the emulator thread panicked"),
     }
+    // What the module saw, for scripts and tests (e.g. that a refused write never arrived).
+    println!(
+        "requests {} writes {}",
+        counters.requests.load(Ordering::Relaxed),
+        counters.writes.load(Ordering::Relaxed)
+    );
     Ok(0)
 }
 

@@ -417,7 +417,7 @@ impl Emulator {
             .args(["emulate", "--class", class, "--serial", serial, "--link"])
             .arg(link)
             .args(extra)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("starting lucidgate emulate");
         wait_until("the emulator's link", || link.exists().then_some(()));
@@ -432,6 +432,28 @@ impl Emulator {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.link);
+    }
+
+    /// Stops cleanly and returns how many requests, and of them writes, the module received.
+    pub fn stop_counted(mut self) -> (u64, u64) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut out).unwrap();
+        assert!(
+            self.child.wait().unwrap().success(),
+            "emulator failed: {out}"
+        );
+        let last = out.lines().last().unwrap_or("");
+        let n: Vec<u64> = last
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        assert_eq!(n.len(), 2, "emulator's counts line: {last:?}");
+        (n[0], n[1])
     }
 
     /// Stops cleanly (SIGTERM): the link is removed by the emulator itself.
