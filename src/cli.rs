@@ -88,9 +88,21 @@ pub enum Cmd {
     /// Client side: a local serial port (pty + symlink) connected to a served module, that
     /// survives programs opening and closing it, network drops and server restarts.
     #[command(
-        after_help = "Examples:\n  lucidgate attach pi.local:4216 --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach 11001001FA480000@pi.local --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach --config /etc/lucidgate/attach/lio0.toml   # [[port]] entries, see docs/attach.md"
+        after_help = "Examples:\n  lucidgate attach pi.local:4216 --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach 11001001FA480000@pi.local --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach 11001001FA480000 --link /dev/lio0 --ca ca.crt --cert me.pem   # found by mDNS\n  lucidgate attach --config /etc/lucidgate/attach/lio0.toml   # [[port]] entries, see docs/attach.md"
     )]
     Attach(AttachArgs),
+    /// List the modules lucidgate servers announce on the local network (mDNS).
+    Discover {
+        /// How long to listen for announcements (ms).
+        #[arg(long, value_name = "MS", default_value_t = crate::discovery::BROWSE_TIMEOUT.as_millis() as u64)]
+        timeout_ms: u64,
+        /// Network interface to listen on (repeatable; default: all).
+        #[arg(long = "interface", value_name = "IFACE")]
+        interfaces: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Emulate a LucidControl module on a pseudo-terminal.
     Emulate {
         /// Module class: DI4, DI8, AI4, AI8, RI4, RI8, DO4, DO8, AO4, AO8, DI4DO4 or 4 hex digits.
@@ -114,9 +126,9 @@ pub enum Cmd {
 /// `lucidgate attach` options (one port; several come from an attach config via --config).
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
-    /// HOST:PORT, or SERIAL@HOST[:PORT] (the port defaults to the one the server derives from
-    /// the serial; GetId must then answer that serial). Without it, --config names an attach
-    /// config with [[port]] entries.
+    /// HOST:PORT, SERIAL@HOST[:PORT] (the port defaults to the one the server derives from
+    /// the serial; GetId must then answer that serial), or SERIAL alone (16 hex digits: host and
+    /// port are found by mDNS). Without it, --config names an attach config with [[port]] entries.
     #[arg(value_name = "TARGET", requires = "link")]
     pub target: Option<String>,
     /// The symlink programs open, e.g. /dev/lio0 (removed on exit).
@@ -153,6 +165,9 @@ pub struct AttachArgs {
     /// Longest wait between reconnect attempts (ms).
     #[arg(long, value_name = "MS")]
     pub retry_max_ms: Option<u64>,
+    /// Network interface to look for a SERIAL target on by mDNS (repeatable; default: all).
+    #[arg(long = "mdns-interface", value_name = "IFACE")]
+    pub mdns_interfaces: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -371,6 +386,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Attach(a) => attach(a, cli.config.as_deref()),
+        Cmd::Discover {
+            timeout_ms,
+            interfaces,
+            json,
+        } => discover(
+            std::time::Duration::from_millis(timeout_ms),
+            &interfaces,
+            json,
+        ),
         Cmd::Emulate {
             class,
             serial,
@@ -406,17 +430,60 @@ fn attach(a: AttachArgs, config: Option<&Path>) -> Result<i32> {
                 retry_max_ms: a.retry_max_ms,
             };
             let d = crate::config::PortsConfig::default();
-            vec![attach::spec(target, link, &o, d.base, d.span)?]
+            vec![attach::spec(
+                target,
+                link,
+                &o,
+                d.base,
+                d.span,
+                &a.mdns_interfaces,
+            )?]
         }
         (None, Some(path)) => {
             let file = AttachFile::load(path)?;
             file.specs(&path.display().to_string())?
         }
         (None, None) => anyhow::bail!(
-            "attach needs a TARGET (HOST:PORT or SERIAL@HOST) with --link, or --config FILE with [[port]] entries"
+            "attach needs a TARGET (HOST:PORT, SERIAL@HOST or SERIAL) with --link, or --config FILE with [[port]] entries"
         ),
     };
     attach::run(specs)
+}
+
+fn discover(timeout: std::time::Duration, interfaces: &[String], json: bool) -> Result<i32> {
+    let found = crate::discovery::browse(timeout, interfaces, None)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+        return Ok(0);
+    }
+    if found.is_empty() {
+        eprintln!(
+            "no lucidgate module announced within {timeout:?} (is discovery.mdns on at the server, and this computer on the same network segment?)"
+        );
+        return Ok(1);
+    }
+    println!(
+        "{:<18} {:<8} {:<10} {:<24} PORT",
+        "SERIAL", "CLASS", "TRANSPORT", "HOST"
+    );
+    for f in &found {
+        let addr = f
+            .addresses
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(f.addresses.first())
+            .map(|a| format!(" ({a})"))
+            .unwrap_or_default();
+        println!(
+            "{:<18} {:<8} {:<10} {:<24} {}",
+            f.serial,
+            f.class,
+            f.transport,
+            format!("{}{addr}", f.host),
+            f.port
+        );
+    }
+    Ok(0)
 }
 
 fn cert(cfg: &Config, action: CertCmd) -> Result<i32> {

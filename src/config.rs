@@ -80,6 +80,8 @@ pub struct DiscoveryConfig {
     pub mdns: bool,
     /// Host name announced (without `.local`); empty: the machine's host name.
     pub hostname: String,
+    /// Network interfaces to announce on (e.g. `["eth0"]`); empty: all.
+    pub interfaces: Vec<String>,
 }
 
 impl Default for DiscoveryConfig {
@@ -87,6 +89,7 @@ impl Default for DiscoveryConfig {
         DiscoveryConfig {
             mdns: true,
             hostname: String::new(),
+            interfaces: Vec::new(),
         }
     }
 }
@@ -484,6 +487,23 @@ impl Config {
         }
         if l.max_handshakes == 0 {
             return err("limits", "max_handshakes", "must be 1 or more".into());
+        }
+        if !self.discovery.hostname.is_empty()
+            && let Err(m) = crate::discovery::check_hostname(&self.discovery.hostname)
+        {
+            return err("discovery", "hostname", m);
+        }
+        if let Some(i) = self
+            .discovery
+            .interfaces
+            .iter()
+            .find(|i| i.is_empty() || i.len() > 15 || i.contains('/'))
+        {
+            return err(
+                "discovery",
+                "interfaces",
+                format!("{i:?} is not a network interface name (as `ip link` lists them)"),
+            );
         }
         if l.max_clients_per_module == 0 {
             return err(

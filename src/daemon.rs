@@ -134,6 +134,8 @@ pub struct Supervisor {
     /// rules can judge devices that are already plugged in.
     raw: BTreeMap<PathBuf, DeviceEvent>,
     source: ConfigSource,
+    /// mDNS announcements (None when `discovery.mdns` is off or mDNS could not start).
+    announcer: Option<crate::discovery::Announcer>,
 }
 
 impl Supervisor {
@@ -161,7 +163,13 @@ impl Supervisor {
             pki,
             raw: BTreeMap::new(),
             source,
+            announcer: None,
         }
+    }
+
+    /// Announces relays by mDNS from now on.
+    pub fn set_announcer(&mut self, announcer: Option<crate::discovery::Announcer>) {
+        self.announcer = announcer;
     }
 
     fn on_device(&mut self, ev: DeviceEvent) {
@@ -407,6 +415,7 @@ impl Supervisor {
             &self.cancel,
             &self.tracker,
             self.exits_tx.clone(),
+            self.announcer.clone(),
         )?;
         let addrs: Vec<String> = self
             .config
@@ -530,6 +539,14 @@ impl Supervisor {
         if new.control_socket != old.control_socket {
             notes.push("control_socket changes take effect after a restart".to_string());
             new.control_socket = old.control_socket.clone();
+        }
+        if new.discovery != old.discovery {
+            notes.push("discovery changes take effect after a restart".to_string());
+            new.discovery = old.discovery.clone();
+        }
+        if new.metrics != old.metrics {
+            notes.push("metrics changes take effect after a restart".to_string());
+            new.metrics = old.metrics.clone();
         }
         if new.limits.max_handshakes != old.limits.max_handshakes {
             notes.push("limits.max_handshakes changes take effect after a restart".to_string());
@@ -700,6 +717,9 @@ pub async fn serve(
 
     let listener = control::bind(&config.control_socket).await?;
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    if let Some(addr) = config.metrics.listen {
+        crate::openmetrics::spawn(addr, control_tx.clone(), cancel.clone(), &tracker).await?;
+    }
     control::spawn_server(
         listener,
         config.control_socket.clone(),
@@ -753,7 +773,17 @@ pub async fn serve(
         tls.set_unavailable("no module uses TLS".into());
     }
 
-    let supervisor = Supervisor::new(
+    let announcer = match crate::discovery::Announcer::start(&config.discovery) {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(
+                event = "mdns-unavailable",
+                "modules are served without mDNS announcements: {e:#} (set discovery.mdns = false to silence this)"
+            );
+            None
+        }
+    };
+    let mut supervisor = Supervisor::new(
         config.clone(),
         registry,
         cancel.clone(),
@@ -765,6 +795,7 @@ pub async fn serve(
         },
         opts.source.clone(),
     );
+    supervisor.set_announcer(announcer.clone());
     let result = supervisor
         .run(watch_rx, watch_done, control_rx, reload_rx, lifecycle)
         .await;
@@ -775,6 +806,10 @@ pub async fn serve(
         .is_err()
     {
         warn!("some tasks did not finish within 5 s of shutdown");
+    }
+    if let Some(a) = announcer {
+        // Goodbye packets, so browsers forget the modules now rather than after the TTL.
+        tokio::task::spawn_blocking(move || a.shutdown()).await.ok();
     }
     let _ = std::fs::remove_file(&config.control_socket);
     info!("stopped");

@@ -4,7 +4,8 @@
 //! number. The data flow is one way: [`device`] turns udev events into owned events, the
 //! [`daemon`] supervisor reconciles them into running [`relay`]s on ports from [`ports`], each
 //! relay talking to its clients through a [`transport`] (plain or [`tls`], with
-//! certificates from the built-in CA in [`ca`]). [`control`] answers `status`.
+//! certificates from the built-in CA in [`ca`]). [`control`] answers `status`; relays announce
+//! themselves by mDNS through [`discovery`].
 //! [`attach`] is the client side: a local serial port that reconnects by itself.
 //! [`emulator`] is a module on a pty, for tests, the benchmark and `lucidgate emulate`.
 
@@ -16,9 +17,11 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod device;
+pub mod discovery;
 pub mod emulator;
 pub mod logging;
 pub mod migrate;
+pub mod openmetrics;
 pub mod ports;
 pub mod protocol;
 pub mod pty;

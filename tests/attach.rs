@@ -467,3 +467,81 @@ impl Drop for Proxy {
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
+
+/// Discovery: the daemon announces its module by mDNS (on loopback only, so the test stays on
+/// this machine); `lucidgate discover` (an mdns-sd browser) lists it with the right port and TXT,
+/// `lucidgate attach SERIAL` finds it with no host or port given and verifies the server
+/// certificate by the address it found; unplugging withdraws the announcement.
+#[test]
+fn a_serial_alone_is_found_by_mdns() {
+    let links = tempfile::tempdir().unwrap();
+    let module = links.path().join("module");
+    let emu = Emulator::start(&module, "AO4", AO4);
+    let d = Daemon::start(
+        61000,
+        &format!(
+            "{}[relay]\ntransport = \"mtls\"\n[discovery]\nmdns = true\nhostname = \"lucidgate-test\"\ninterfaces = [\"lo\"]\n",
+            static_device(&module, AO4)
+        ),
+        None,
+    );
+    let port = d.wait_serving(AO4);
+    let discover = |ms: &str| -> serde_json::Value {
+        let out = Command::new(bin())
+            .args([
+                "discover",
+                "--interface",
+                "lo",
+                "--json",
+                "--timeout-ms",
+                ms,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let found = discover("4000");
+    let m = found
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["serial"] == AO4)
+        .unwrap_or_else(|| panic!("{AO4} not announced: {found}"));
+    assert_eq!(m["port"], port, "{m}");
+    assert_eq!(m["class"], "AO4", "{m}");
+    assert_eq!(m["transport"], "mtls", "{m}");
+    assert_eq!(m["host"], "lucidgate-test.local", "{m}");
+    assert!(d.log().contains("event=\"mdns-announced\""));
+
+    let certs = issue_client(&d, "finder", &["--modules", AO4]);
+    let link = links.path().join("lio-mdns");
+    let ca = certs.join("ca.crt");
+    let pem = certs.join("finder.pem");
+    let a = Attach::start(
+        AO4,
+        &link,
+        &[
+            "--ca",
+            ca.to_str().unwrap(),
+            "--cert",
+            pem.to_str().unwrap(),
+            "--mdns-interface",
+            "lo",
+        ],
+    );
+    a.wait_log("connected to", 1);
+    let p = open_port(&link);
+    assert_eq!(ask_port(&p, &GET_ID), get_id_answer(AO4));
+    drop(p);
+    a.stop();
+
+    // Unplugged: the relay withdraws its service (goodbye packets).
+    emu.kill();
+    d.wait_absent(AO4);
+    let found = discover("1500");
+    assert!(
+        !found.as_array().unwrap().iter().any(|f| f["serial"] == AO4),
+        "still announced after unplug: {found}"
+    );
+}

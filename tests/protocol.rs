@@ -22,6 +22,44 @@ fn get_uv(ch: u8) -> [u8; 4] {
     [GET_IO, ch, MICROVOLTS, 0]
 }
 
+/// GET /metrics, parsed by the reference OpenMetrics parser (prometheus_client, from the test
+/// venv); returns every sample as {name, labels, value}.
+fn scrape(addr: &str) -> Vec<serde_json::Value> {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: pi\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    let python = repo().join("target/test-venv/bin/python");
+    assert!(python.exists(), "run ./scripts/test-venv first");
+    let mut child = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import sys, json\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as p\nprint(json.dumps([{'name': s.name, 'labels': s.labels, 'value': s.value} for f in p(sys.stdin.read()) for s in f.samples]))",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused:\n{body}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Eight clients share one AO8, each on its own channel, sending SetIo and GetIo back to back
 /// (two frames per write) thousands of times: every GetIo returns the value that client set, so
 /// no answer ever reached the wrong client or came out of order. A ninth client sends an HTTP
@@ -36,7 +74,7 @@ fn shared_mode_routes_every_answer_to_the_client_that_asked() {
     let d = Daemon::start(
         59000,
         &format!(
-            "{}[relay]\ntransport = \"plain\"\npolicy = \"shared\"\n",
+            "{}[relay]\ntransport = \"plain\"\npolicy = \"shared\"\n[metrics]\nlisten = \"127.0.0.1:62990\"\n",
             static_device(&emu.link, &ao8)
         ),
         None,
@@ -96,6 +134,24 @@ fn shared_mode_routes_every_answer_to_the_client_that_asked() {
         log.contains("cut off: sent 0x47 where a request must start"),
         "{log}"
     );
+    // The same counters on the OpenMetrics endpoint, read by prometheus_client's parser.
+    let samples = scrape("127.0.0.1:62990");
+    let sample = |name: &str, extra: &str| {
+        samples
+            .iter()
+            .find(|s| {
+                s["name"] == name
+                    && s["labels"]["serial"] == ao8.as_str()
+                    && (extra.is_empty() || s["labels"]["status"] == extra)
+            })
+            .unwrap_or_else(|| panic!("no {name} for {ao8}: {samples:?}"))["value"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(sample("lucidgate_requests_total", ""), total as f64);
+    assert_eq!(sample("lucidgate_answers_total", "0x00"), total as f64);
+    assert_eq!(sample("lucidgate_bad_frames_total", ""), 1.0);
+    assert_eq!(sample("lucidgate_module_up", ""), 1.0);
     // The module saw exactly the clients' requests (and the GetId at start), nothing else.
     drop(d);
     let (requests, writes) = emu.stop_counted();
@@ -110,7 +166,7 @@ fn read_only_certificates_read_but_their_writes_never_reach_the_module() {
     let dir = tempfile::tempdir().unwrap();
     let emu = Emulator::start(&dir.path().join("ao4"), "AO4", AO4);
     let d = Daemon::start(
-        59500,
+        60000,
         &format!(
             "{}[relay]\ntransport = \"mtls\"\n",
             static_device(&emu.link, AO4)
@@ -165,7 +221,7 @@ fn shared_mode_applies_the_module_timeout() {
     let serial = "11001001FA480007";
     let emu = Emulator::start_with(&dir.path().join("m"), "AO4", serial, &["--silent"]);
     let d = Daemon::start(
-        60000,
+        62000,
         &format!(
             "{}[relay]\ntransport = \"plain\"\npolicy = \"shared\"\n[limits]\nanswer_timeout_ms = 300\n",
             static_device(&emu.link, serial)

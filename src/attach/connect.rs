@@ -5,7 +5,7 @@
 //! messages that say what to fix.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,12 +36,18 @@ pub const USER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Target {
     pub host: String,
     pub port: u16,
-    /// The module serial the target must answer GetId with (`SERIAL@HOST`).
+    /// The module serial the target must answer GetId with (`SERIAL@HOST`, or `SERIAL`).
     pub serial: Option<String>,
+    /// `SERIAL` alone: host and port are found by mDNS on these interfaces (empty: all) before
+    /// every connection attempt.
+    pub discover: Option<Vec<String>>,
 }
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let (Some(s), Some(_)) = (&self.serial, &self.discover) {
+            return write!(f, "{s} (found by mDNS)");
+        }
         if let Some(s) = &self.serial {
             write!(f, "{s}@")?;
         }
@@ -53,9 +59,18 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// Parses `HOST:PORT`, `[V6]:PORT` or `SERIAL@HOST[:PORT]`. Without a port, a serial's port is
-/// derived as the server does by default (`ports.base + serial % ports.span`), with `base`/`span`.
+/// Parses `HOST:PORT`, `[V6]:PORT`, `SERIAL@HOST[:PORT]` or `SERIAL` (16 hex digits: found by
+/// mDNS). Without a port, a serial's port is derived as the server does by default
+/// (`ports.base + serial % ports.span`), with `base`/`span`.
 pub fn parse_target(s: &str, base: u16, span: u16) -> Result<Target, String> {
+    if s.len() == 16 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Ok(Target {
+            host: String::new(),
+            port: 0,
+            serial: Some(s.to_ascii_uppercase()),
+            discover: Some(Vec::new()),
+        });
+    }
     let (serial, rest) = match s.split_once('@') {
         Some((serial, rest)) => {
             crate::config::check_serial(serial).map_err(|e| format!("serial {serial:?} {e}"))?;
@@ -76,7 +91,7 @@ pub fn parse_target(s: &str, base: u16, span: u16) -> Result<Target, String> {
     };
     if host.is_empty() {
         return Err(format!(
-            "{s:?} has no host; use HOST:PORT or SERIAL@HOST (e.g. pi.local:4216)"
+            "{s:?} has no host; use HOST:PORT, SERIAL@HOST (e.g. pi.local:4216), or the module's 16-digit SERIAL alone to find it by mDNS"
         ));
     }
     let port = match (port, &serial) {
@@ -92,7 +107,12 @@ pub fn parse_target(s: &str, base: u16, span: u16) -> Result<Target, String> {
             ));
         }
     };
-    Ok(Target { host, port, serial })
+    Ok(Target {
+        host,
+        port,
+        serial,
+        discover: None,
+    })
 }
 
 /// The TLS files of a client.
@@ -115,6 +135,9 @@ pub enum Connector {
     Tls {
         config: Arc<rustls::ClientConfig>,
         server_name: ServerName<'static>,
+        /// The name came from --server-name (else, for a target found by mDNS, the address
+        /// connected to is verified).
+        explicit_name: bool,
         /// For messages: the CA file the server must chain to.
         ca: PathBuf,
     },
@@ -174,7 +197,11 @@ impl Connector {
             }
             None => builder.with_no_client_auth(),
         };
-        let name = files.server_name.as_deref().unwrap_or(host);
+        let name = files.server_name.as_deref().unwrap_or(if host.is_empty() {
+            "localhost"
+        } else {
+            host
+        });
         let server_name = match name.parse::<IpAddr>() {
             Ok(ip) => ServerName::IpAddress(ip.into()),
             Err(_) => ServerName::try_from(name.to_string())
@@ -183,6 +210,7 @@ impl Connector {
         Ok(Connector::Tls {
             config: Arc::new(config),
             server_name,
+            explicit_name: files.server_name.is_some(),
             ca,
         })
     }
@@ -196,16 +224,19 @@ impl Connector {
 
     /// Connects to `target` (resolving its name again on every call).
     pub async fn connect(&self, target: &Target) -> Result<Box<dyn ClientStream>, String> {
-        let addrs: Vec<_> = tokio::net::lookup_host((target.host.as_str(), target.port))
-            .await
-            .map_err(|e| format!("cannot resolve {}: {e}", target.host))?
-            .collect();
+        let addrs: Vec<SocketAddr> = match &target.discover {
+            Some(interfaces) => discover(target, interfaces).await?,
+            None => tokio::net::lookup_host((target.host.as_str(), target.port))
+                .await
+                .map_err(|e| format!("cannot resolve {}: {e}", target.host))?
+                .collect(),
+        };
         let mut last = format!("{} resolves to no address", target.host);
         let mut tcp = None;
         for addr in addrs {
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
-                    tcp = Some(s);
+                    tcp = Some((s, addr));
                     break;
                 }
                 Ok(Err(e)) => last = format!("connecting to {addr}: {e}"),
@@ -214,16 +245,24 @@ impl Connector {
                 }
             }
         }
-        let tcp = tcp.ok_or(last)?;
+        let (tcp, addr) = tcp.ok_or(last)?;
         tune(&tcp);
         match self {
             Connector::Plain => Ok(Box::new(tcp)),
             Connector::Tls {
                 config,
                 server_name,
+                explicit_name,
                 ca,
             } => {
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
+                // A server found by mDNS is verified by the address it was reached at (its
+                // certificate names every address of the device).
+                let server_name = if target.discover.is_some() && !explicit_name {
+                    &ServerName::IpAddress(addr.ip().into())
+                } else {
+                    server_name
+                };
                 match tokio::time::timeout(
                     HANDSHAKE_TIMEOUT,
                     connector.connect(server_name.clone(), tcp),
@@ -239,6 +278,43 @@ impl Connector {
             }
         }
     }
+}
+
+/// Finds the addresses and port of `target`'s module by mDNS.
+async fn discover(target: &Target, interfaces: &[String]) -> Result<Vec<SocketAddr>, String> {
+    let serial = target.serial.clone().unwrap_or_default();
+    let (want, ifs) = (serial.clone(), interfaces.to_vec());
+    let found = tokio::task::spawn_blocking(move || {
+        crate::discovery::browse(crate::discovery::BROWSE_TIMEOUT, &ifs, Some(&want))
+    })
+    .await
+    .map_err(|e| format!("mDNS browse failed: {e}"))?
+    .map_err(|e| format!("{e:#}"))?;
+    let f = found
+        .into_iter()
+        .find(|f| f.serial.eq_ignore_ascii_case(&serial))
+        .ok_or_else(|| {
+            format!(
+                "no lucidgate on this network announces module {serial} by mDNS (listened {:?}): is the module plugged in and served, discovery.mdns on there, and this computer on the same network segment? Otherwise use {serial}@HOST",
+                crate::discovery::BROWSE_TIMEOUT
+            )
+        })?;
+    let mut addrs: Vec<SocketAddr> = f
+        .addresses
+        .iter()
+        // A link-local IPv6 address needs its interface scope, which is lost here.
+        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
+        .map(|ip| SocketAddr::new(*ip, f.port))
+        .collect();
+    addrs.sort_by_key(|a| a.is_ipv6());
+    if addrs.is_empty() {
+        return Err(format!(
+            "module {serial} is announced by {} without a usable address",
+            f.host
+        ));
+    }
+    tracing::debug!(module_serial = %serial, "found by mDNS at {} port {}", f.host, f.port);
+    Ok(addrs)
 }
 
 fn tune(tcp: &TcpStream) {

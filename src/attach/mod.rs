@@ -47,6 +47,9 @@ pub struct AttachFile {
     /// Port numbering of the server, for `SERIAL@HOST` targets (default: the server's defaults).
     pub port_base: Option<u16>,
     pub port_span: Option<u16>,
+    /// Interfaces to find `SERIAL` targets on by mDNS (default: all).
+    #[serde(default)]
+    pub mdns_interfaces: Vec<String>,
     #[serde(default)]
     pub port: Vec<PortEntry>,
 }
@@ -70,7 +73,7 @@ pub struct PortOptions {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PortEntry {
-    /// `HOST:PORT` or `SERIAL@HOST[:PORT]`.
+    /// `HOST:PORT`, `SERIAL@HOST[:PORT]` or `SERIAL` (found by mDNS).
     pub target: String,
     /// The symlink programs open, e.g. /dev/lio0.
     pub link: PathBuf,
@@ -183,6 +186,7 @@ impl AttachFile {
                 &entry.options().or(&self.defaults()),
                 base,
                 span,
+                &self.mdns_interfaces,
             )
             .with_context(|| at.clone())?;
             out.push(spec);
@@ -192,8 +196,18 @@ impl AttachFile {
 }
 
 /// Builds one port's spec from its options.
-pub fn spec(target: &str, link: &Path, o: &PortOptions, base: u16, span: u16) -> Result<PortSpec> {
-    let target = connect::parse_target(target, base, span).map_err(anyhow::Error::msg)?;
+pub fn spec(
+    target: &str,
+    link: &Path,
+    o: &PortOptions,
+    base: u16,
+    span: u16,
+    mdns_interfaces: &[String],
+) -> Result<PortSpec> {
+    let mut target = connect::parse_target(target, base, span).map_err(anyhow::Error::msg)?;
+    if let Some(ifs) = &mut target.discover {
+        *ifs = mdns_interfaces.to_vec();
+    }
     let connector = if o.plain.unwrap_or(false) {
         Connector::Plain
     } else {

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
 use crate::config::{ClientPolicy, Limits, TransportKind};
+use crate::discovery::{Announcement, Announcer};
 use crate::transport::{Accepted, Transport};
 use listen::{AcceptConfig, Incoming};
 use pump::{SessionEnd, Traffic};
@@ -150,6 +151,7 @@ pub fn start(
     parent: &CancellationToken,
     tracker: &TaskTracker,
     exits: mpsc::Sender<RelayExit>,
+    announcer: Option<Announcer>,
 ) -> Result<RelayHandle> {
     let cancel = parent.child_token();
     let stats = Arc::new(RelayStats::default());
@@ -175,11 +177,16 @@ pub fn start(
         stats: stats.clone(),
         cancel: cancel.clone(),
         tasks: relay_tasks.clone(),
+        announcer: announcer.clone(),
+        port,
     };
     let serial_name = spec.serial.clone();
     let join = tracker.spawn(
         async move {
             let reason = relay.run().await;
+            if let Some(a) = &announcer {
+                a.withdraw(&serial_name);
+            }
             relay_tasks.close();
             relay_tasks.wait().await;
             let _ = exits
@@ -211,6 +218,8 @@ struct Relay {
     cancel: CancellationToken,
     /// Acceptors and (in shared mode) client tasks.
     tasks: TaskTracker,
+    announcer: Option<Announcer>,
+    port: u16,
 }
 
 fn describe(c: &Accepted) -> String {
@@ -226,6 +235,25 @@ impl Relay {
         let reason = self.serve().await;
         self.cancel.cancel();
         reason
+    }
+
+    /// The module's class: what GetId said, else what its USB serial says, else `module`.
+    fn class(&self) -> String {
+        let id = self
+            .stats
+            .identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = id.identity() {
+            return i.class.clone();
+        }
+        let s = &self.spec.serial;
+        s.get(..4)
+            .filter(|_| s.len() == 16)
+            .and_then(|c| u16::from_str_radix(c, 16).ok())
+            .and_then(crate::protocol::class_name)
+            .unwrap_or("module")
+            .to_string()
     }
 
     /// Asks the module who it is, before any client is served (clients queue meanwhile). Not
@@ -282,6 +310,15 @@ impl Relay {
         }
         if self.cancel.is_cancelled() {
             return ExitReason::Stopped;
+        }
+        if let Some(a) = &self.announcer {
+            a.announce(&Announcement {
+                serial: self.spec.serial.clone(),
+                port: self.port,
+                class: self.class(),
+                transport: self.spec.transport.to_string(),
+                policy: self.spec.policy.to_string(),
+            });
         }
         if self.spec.policy == ClientPolicy::Shared {
             return self.serve_shared().await;
