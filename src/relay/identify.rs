@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
 use super::module::{Exchanged, exchange};
 use crate::protocol::{Answer, Identity, class_name, opcode, status};
@@ -88,11 +89,12 @@ pub async fn identify<D>(
     dev: &mut D,
     usb_serial: &str,
     timeout: Duration,
+    stop: &CancellationToken,
 ) -> std::io::Result<IdentityState>
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let raw = match exchange(dev, &[opcode::GET_ID, 0, 0, 0], timeout).await? {
+    let raw = match exchange(dev, &[opcode::GET_ID, 0, 0, 0], timeout, stop).await? {
         Exchanged::Answer(raw) => raw,
         Exchanged::Timeout { partial } => {
             return Ok(IdentityState::Failed(format!(
@@ -147,7 +149,8 @@ mod tests {
             far
         };
         let t = Duration::from_millis(1000);
-        let (state, _far) = tokio::join!(identify(&mut near, serial, t), module);
+        let go = CancellationToken::new();
+        let (state, _far) = tokio::join!(identify(&mut near, serial, t, &go), module);
         state.unwrap()
     }
 

@@ -256,14 +256,15 @@ impl Relay {
             .to_string()
     }
 
-    /// Asks the module who it is, before any client is served (clients queue meanwhile). Not
-    /// raced against cancellation: the answer is read even when the relay is being stopped.
+    /// Asks the module who it is, before any client is served (clients queue meanwhile). A stop
+    /// meanwhile still reads an answer on its way (see [`module::STOP_GRACE`]).
     async fn identify(&mut self) -> Result<(), ExitReason> {
         use identify::IdentityState;
         let state = match identify::identify(
             &mut self.serial,
             &self.spec.serial,
             self.spec.answer_timeout,
+            &self.cancel,
         )
         .await
         {

@@ -3,9 +3,10 @@
 //!
 //! An exchange first discards bytes nobody asked for (a late answer to an earlier request),
 //! writes one request and reads exactly one answer frame, or gives up after the answer timeout.
-//! Callers never drop an exchange midway (it is not raced against cancellation): a relay that is
-//! stopped while a request is out waits for that answer, at most the timeout, so no answer is left
-//! in the port for whoever opens it next.
+//! Callers never drop an exchange midway: a relay that is stopped while a request is out still
+//! waits [`STOP_GRACE`] for the answer (a module answers within milliseconds), so no answer is
+//! left in the port for whoever opens it next, and a silent module cannot hold a stop up for the
+//! whole answer timeout.
 
 use std::io;
 use std::pin::Pin;
@@ -13,8 +14,12 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{Answer, MAX_ANSWER_LEN};
+
+/// When the relay is stopped during an exchange, how much longer the answer is waited for.
+pub const STOP_GRACE: Duration = Duration::from_millis(100);
 
 /// What came back for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,9 +52,14 @@ pub fn discard_pending<D: AsyncRead + Unpin + ?Sized>(dev: &mut D) -> io::Result
     }
 }
 
-/// Sends `request` (one whole frame) and waits up to `timeout` for one answer frame.
-/// `Err` only when the port fails: the module is gone.
-pub async fn exchange<D>(dev: &mut D, request: &[u8], timeout: Duration) -> io::Result<Exchanged>
+/// Sends `request` (one whole frame) and waits up to `timeout` for one answer frame (up to
+/// [`STOP_GRACE`] once `stop` is cancelled). `Err` only when the port fails: the module is gone.
+pub async fn exchange<D>(
+    dev: &mut D,
+    request: &[u8],
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> io::Result<Exchanged>
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
@@ -77,9 +87,17 @@ where
             buf.extend_from_slice(&chunk[..n]);
         }
     };
-    match tokio::time::timeout(timeout, read).await {
-        Ok(r) => r.map(|()| Exchanged::Answer(buf)),
-        Err(_) => Ok(Exchanged::Timeout { partial: buf.len() }),
+    let outcome = {
+        tokio::pin!(read);
+        tokio::select! {
+            r = &mut read => Some(r),
+            _ = tokio::time::sleep(timeout) => None,
+            _ = stop.cancelled() => tokio::time::timeout(STOP_GRACE, &mut read).await.ok(),
+        }
+    };
+    match outcome {
+        Some(r) => r.map(|()| Exchanged::Answer(buf)),
+        None => Ok(Exchanged::Timeout { partial: buf.len() }),
     }
 }
 
@@ -102,7 +120,8 @@ mod tests {
             far
         };
         let t = Duration::from_secs(1);
-        let (got, mut far) = tokio::join!(exchange(&mut near, &[0x46, 0, 0x1D, 0], t), module);
+        let go = CancellationToken::new();
+        let (got, mut far) = tokio::join!(exchange(&mut near, &[0x46, 0, 0x1D, 0], t, &go), module);
         assert_eq!(
             got.unwrap(),
             Exchanged::Answer(vec![0x00, 0x04, 1, 2, 3, 4])
@@ -115,11 +134,33 @@ mod tests {
             far.write_all(&[0x00]).await.unwrap();
             far
         };
-        let (got, far) = tokio::join!(exchange(&mut near, &[0xC0, 0, 0, 0], t), silent);
+        let (got, mut far) = tokio::join!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &go), silent);
         assert_eq!(got.unwrap(), Exchanged::Timeout { partial: 1 });
+
+        // Stopping: an answer on its way is still read, a silent module is given up on soon.
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let slow = async {
+            let mut req = [0u8; 4];
+            far.read_exact(&mut req).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            far.write_all(&[0x00, 0x00]).await.unwrap();
+            far
+        };
+        let (got, mut far) = tokio::join!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &stop), slow);
+        assert_eq!(got.unwrap(), Exchanged::Answer(vec![0x00, 0x00]));
+        let start = tokio::time::Instant::now();
+        let silent = async {
+            let mut req = [0u8; 4];
+            far.read_exact(&mut req).await.unwrap();
+            far
+        };
+        let (got, far) = tokio::join!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &stop), silent);
+        assert_eq!(got.unwrap(), Exchanged::Timeout { partial: 0 });
+        assert_eq!(start.elapsed(), STOP_GRACE);
 
         // A hang-up is an error.
         drop(far);
-        assert!(exchange(&mut near, &[0xC0, 0, 0, 0], t).await.is_err());
+        assert!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &go).await.is_err());
     }
 }

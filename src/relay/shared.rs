@@ -137,7 +137,8 @@ where
 }
 
 /// The module side: takes requests from `asks` one at a time and exchanges them with `dev`,
-/// until `stop` is cancelled or every sender is gone. Never stops in the middle of an exchange.
+/// until `stop` is cancelled or every sender is gone. An exchange in flight is finished first
+/// (see [`super::module::STOP_GRACE`]).
 /// Between requests the port is read so a hang-up is seen at once. `Err`: the module is gone.
 pub async fn serve_module<D>(
     dev: &mut D,
@@ -168,7 +169,7 @@ where
             },
         };
         metrics.requests.fetch_add(1, Relaxed);
-        let got = exchange(dev, &ask.frame, timeout).await?;
+        let got = exchange(dev, &ask.frame, timeout, stop).await?;
         match &got {
             Exchanged::Answer(a) => metrics.answer(a[0]),
             Exchanged::Timeout { partial } => {
@@ -204,9 +205,10 @@ where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let (tx, mut rx) = mpsc::channel(1);
-    let never = CancellationToken::new();
+    // The module side ends when the client's queue closes (not on its own).
+    let until_done = CancellationToken::new();
     let client = serve_client(stream, ctx, tx);
-    let module = serve_module(dev, &mut rx, &never, timeout, ctx.metrics);
+    let module = serve_module(dev, &mut rx, &until_done, timeout, ctx.metrics);
     tokio::pin!(client, module);
     tokio::select! {
         end = &mut client => {
