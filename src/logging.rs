@@ -4,7 +4,7 @@
 //! `MODULE_MODEL`, `DEVNODE`, `PORT`, `PEER_ADDR`, `CLIENT_NAME`, `EVENT` (see docs/journald.md),
 //! so `journalctl -u lucidgate MODULE_SERIAL=11001001FA480000` answers an operator's question.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -17,12 +17,18 @@ pub enum LogTarget {
     Journald,
 }
 
-fn filter(level: &str) -> EnvFilter {
-    EnvFilter::try_from_default_env()
+/// The log filter: `RUST_LOG` when set (`debug`, `lucidgate=debug,rustls=warn`, ...), else
+/// `level`. Plain target=level directives (tracing-subscriber's `Targets`): the regex-based
+/// `EnvFilter` would add a quarter of a megabyte to the appliance binary for span filters
+/// nobody here uses.
+fn filter(level: &str) -> Targets {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
         // rustls' own warnings (e.g. a client sending an IP address as SNI) are not the
         // operator's business; lucidgate logs every refused peer itself.
-        .or_else(|_| EnvFilter::try_new(format!("{level},rustls=error")))
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .or_else(|| format!("{level},rustls=error").parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO))
 }
 
 /// Installs the global subscriber. `level` is used when `RUST_LOG` is not set.
@@ -54,10 +60,12 @@ pub fn init(level: &str, target: LogTarget) {
             Err(e) => eprintln!("lucidgate: journald is not reachable ({e}); logging to stderr"),
         }
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter(level))
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = tracing_subscriber::registry()
+        .with(filter(level))
+        .with(fmt)
         .try_init();
 }
