@@ -91,6 +91,19 @@ pub enum Cmd {
         after_help = "Examples:\n  lucidgate attach pi.local:4216 --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach 11001001FA480000@pi.local --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach 11001001FA480000 --link /dev/lio0 --ca ca.crt --cert me.pem   # found by mDNS\n  lucidgate attach --config /etc/lucidgate/attach/lio0.toml   # [[port]] entries, see docs/attach.md"
     )]
     Attach(AttachArgs),
+    /// Certificate provisioning from a USB stick: run it by hand on an image or block device,
+    /// or set the token requests must carry.
+    #[command(
+        args_conflicts_with_subcommands = true,
+        after_help = "Examples:\n  lucidgate provision set-token                 # prints a new token, stores its hash in the config\n  lucidgate provision /dev/sdb1                 # what the daemon does when the stick is plugged in\n  lucidgate provision stick.img                 # a FAT image file\nThe stick carries lucidgate/request.toml; see docs/provisioning.md."
+    )]
+    Provision {
+        /// A FAT block device (/dev/sdb1) or image file with lucidgate/request.toml.
+        #[arg(value_name = "IMAGE-OR-DEVICE")]
+        path: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<ProvisionCmd>,
+    },
     /// List the modules lucidgate servers announce on the local network (mDNS).
     Discover {
         /// How long to listen for announcements (ms).
@@ -168,6 +181,20 @@ pub struct AttachArgs {
     /// Network interface to look for a SERIAL target on by mDNS (repeatable; default: all).
     #[arg(long = "mdns-interface", value_name = "IFACE")]
     pub mdns_interfaces: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProvisionCmd {
+    /// Set the provisioning token (stored only as a salted hash in the config file). Without
+    /// --token a random one is generated and printed once.
+    SetToken {
+        /// The token (12 to 256 characters); default: a new random one.
+        #[arg(long, value_name = "TOKEN", conflicts_with = "stdin")]
+        token: Option<String>,
+        /// Read the token from the first line of standard input.
+        #[arg(long)]
+        stdin: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -406,6 +433,110 @@ pub fn run(cli: Cli) -> Result<i32> {
             let (cfg, _) = load_config(&cli.config)?;
             cert(&cfg, action)
         }
+        Cmd::Provision { path, action } => provision(&cli.config, path, action),
+    }
+}
+
+fn provision(
+    config: &Option<PathBuf>,
+    path: Option<PathBuf>,
+    action: Option<ProvisionCmd>,
+) -> Result<i32> {
+    use crate::provision::{self, Status};
+    let (cfg, cfg_path) = load_config(config)?;
+    match (path, action) {
+        (_, Some(ProvisionCmd::SetToken { token, stdin })) => {
+            let (token, generated) = match (token, stdin) {
+                (Some(t), _) => (t, false),
+                (None, true) => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .read_line(&mut line)
+                        .context("reading the token from standard input")?;
+                    (line.trim_end_matches(['\r', '\n']).to_string(), false)
+                }
+                (None, false) => (provision::token::generate()?, true),
+            };
+            provision::token::set_token(&cfg_path, &token)?;
+            eprintln!(
+                "stored the token's hash in {} ([provision] token_hash)",
+                cfg_path.display()
+            );
+            if generated {
+                println!("{token}");
+                eprintln!(
+                    "put it into the stick's lucidgate/request.toml as token = \"{token}\"; it is not stored anywhere in clear"
+                );
+            }
+            if cfg.control_socket.exists() {
+                match runtime()?.block_on(control::ask(&cfg.control_socket, &Command::Reload)) {
+                    Ok(_) => eprintln!("the running daemon re-read the config"),
+                    Err(e) => {
+                        eprintln!("note: could not tell the daemon ({e:#}); run `lucidgate reload`")
+                    }
+                }
+            }
+            Ok(0)
+        }
+        (Some(path), None) => {
+            let clock = crate::clock::SystemClock::from_env();
+            // The modules the running daemon serves, for the result file.
+            let modules = if cfg.control_socket.exists() {
+                runtime()?
+                    .block_on(control::ask(&cfg.control_socket, &Command::Status))
+                    .ok()
+                    .and_then(|v| serde_json::from_value::<StatusReport>(v).ok())
+                    .map(|r| {
+                        r.modules
+                            .into_iter()
+                            .filter_map(|m| Some((m.serial, m.port?)))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                Default::default()
+            };
+            let dev = provision::Device {
+                state_dir: &cfg.state_dir,
+                pki: crate::ca::PkiSettings::from_config(&cfg),
+                clock: &clock,
+                token_hash: cfg.provision.token_hash.clone(),
+                hostname: provision::hostname(&cfg),
+                modules,
+            };
+            let out = match provision::run_path(&path, &dev) {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("lucidgate: {}: {e}", path.display());
+                    return Ok(2);
+                }
+            };
+            println!("{:?}: {}", out.status, out.message);
+            for e in &out.errors {
+                println!("  {e}");
+            }
+            for i in &out.issued {
+                println!(
+                    "  issued {} (serial {}) -> {}",
+                    i.name,
+                    i.serial,
+                    i.files.join(" ")
+                );
+            }
+            if !out.result_written {
+                println!("  (no result file could be written on the stick)");
+            }
+            if out.status == Status::Done && cfg.control_socket.exists() {
+                let _ = runtime()?.block_on(control::ask(&cfg.control_socket, &Command::ReloadPki));
+            }
+            Ok(match out.status {
+                Status::Done | Status::Duplicate => 0,
+                Status::Refused | Status::Failed => 1,
+            })
+        }
+        (None, None) => anyhow::bail!(
+            "provision needs IMAGE-OR-DEVICE (a FAT stick or image with lucidgate/request.toml) or `set-token`"
+        ),
     }
 }
 

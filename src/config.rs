@@ -36,6 +36,7 @@ pub struct Config {
     pub limits: Limits,
     pub discovery: DiscoveryConfig,
     pub metrics: MetricsConfig,
+    pub provision: ProvisionConfig,
     /// Match rules in addition to the built-in ones (vendor `deciphe_it`, model `LucidIo*`).
     #[serde(rename = "match", skip_serializing_if = "Vec::is_empty")]
     pub match_rules: Vec<MatchRule>,
@@ -64,6 +65,7 @@ impl Default for Config {
             limits: Limits::default(),
             discovery: DiscoveryConfig::default(),
             metrics: MetricsConfig::default(),
+            provision: ProvisionConfig::default(),
             match_rules: Vec::new(),
             builtin_match: true,
             modules: BTreeMap::new(),
@@ -90,6 +92,27 @@ impl Default for DiscoveryConfig {
             mdns: true,
             hostname: String::new(),
             interfaces: Vec::new(),
+        }
+    }
+}
+
+/// Certificate provisioning from USB sticks (see `provision`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisionConfig {
+    /// Hash of the provisioning token (`lucidgate provision set-token` writes it). Unset:
+    /// provisioning is off; a stick only gets a result file saying so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_hash: Option<String>,
+    /// Look at USB sticks (FAT partitions) that are plugged in.
+    pub usb: bool,
+}
+
+impl Default for ProvisionConfig {
+    fn default() -> Self {
+        ProvisionConfig {
+            token_hash: None,
+            usb: true,
         }
     }
 }
@@ -504,6 +527,11 @@ impl Config {
                 "interfaces",
                 format!("{i:?} is not a network interface name (as `ip link` lists them)"),
             );
+        }
+        if let Some(h) = &self.provision.token_hash
+            && let Err(m) = crate::provision::token::check_hash(h)
+        {
+            return err("provision", "token_hash", m);
         }
         if l.max_clients_per_module == 0 {
             return err(

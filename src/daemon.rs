@@ -46,6 +46,9 @@ const WATCH_QUEUE: usize = 256;
 const CONTROL_QUEUE: usize = 16;
 /// Prefix of the syspath-like key of static devices.
 const STATIC_PREFIX: &str = "config:";
+/// Provisioning sticks waiting or in progress at once; more are skipped with a log line (the
+/// operator replugs them).
+pub const MAX_STICKS_PENDING: usize = 4;
 
 struct Running {
     handle: RelayHandle,
@@ -136,6 +139,33 @@ pub struct Supervisor {
     source: ConfigSource,
     /// mDNS announcements (None when `discovery.mdns` is off or mDNS could not start).
     announcer: Option<crate::discovery::Announcer>,
+    sticks: Sticks,
+}
+
+/// USB sticks seen for provisioning (by syspath, until removed) and the runs' outcomes.
+struct Sticks {
+    seen: BTreeMap<PathBuf, StickState>,
+    clock: SharedClock,
+    pending: Arc<tokio::sync::Semaphore>,
+    /// One stick at a time (they share the PKI and the ledger).
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
+    /// (syspath, outcome); `None`: the stick could not be read (not FAT, not openable): it is
+    /// looked at again on its next add or change event (media inserted, reformatted).
+    done_tx: mpsc::Sender<(PathBuf, Option<crate::provision::Status>)>,
+    done_rx: mpsc::Receiver<(PathBuf, Option<crate::provision::Status>)>,
+}
+
+enum StickState {
+    Running { devnode: PathBuf, again: bool },
+    Done,
+}
+
+/// Whether a udev block device is a USB FAT filesystem worth looking at for a request.
+fn is_provisioning_stick(ev: &DeviceEvent) -> bool {
+    ev.subsystem == "block"
+        && ev.devnode.is_some()
+        && ev.property("ID_BUS") == Some("usb")
+        && matches!(ev.property("ID_FS_TYPE"), Some("vfat") | Some("msdos"))
 }
 
 impl Supervisor {
@@ -148,7 +178,16 @@ impl Supervisor {
         source: ConfigSource,
     ) -> Self {
         let (exits_tx, exits_rx) = mpsc::channel(64);
+        let (done_tx, done_rx) = mpsc::channel(MAX_STICKS_PENDING);
         Supervisor {
+            sticks: Sticks {
+                seen: BTreeMap::new(),
+                clock: Arc::new(SystemClock::from_env()),
+                pending: Arc::new(tokio::sync::Semaphore::new(MAX_STICKS_PENDING)),
+                one_at_a_time: Arc::new(tokio::sync::Mutex::new(())),
+                done_tx,
+                done_rx,
+            },
             matcher: Matcher::new(&config.effective_match_rules()),
             config,
             registry,
@@ -172,7 +211,136 @@ impl Supervisor {
         self.announcer = announcer;
     }
 
+    /// The clock provisioning issues certificates by (the PKI task's).
+    pub fn set_clock(&mut self, clock: SharedClock) {
+        self.sticks.clock = clock;
+    }
+
+    /// A block device: a USB stick that may carry a provisioning request.
+    fn on_block(&mut self, ev: DeviceEvent) {
+        if ev.action == Action::Remove {
+            self.sticks.seen.remove(&ev.syspath);
+            return;
+        }
+        if !self.config.provision.usb || !is_provisioning_stick(&ev) {
+            return;
+        }
+        let Some(devnode) = ev.devnode.clone() else {
+            return;
+        };
+        match self.sticks.seen.get_mut(&ev.syspath) {
+            // Looked at already; the ledger keeps a request from being processed twice anyway.
+            Some(StickState::Done) => {}
+            // An event while it is being read (media swapped in): read it again afterwards
+            // if this run finds no filesystem.
+            Some(StickState::Running { again, .. }) => *again = true,
+            None => {
+                info!(devnode = %devnode.display(), event = "stick-plugged",
+                    "USB stick {} ({}): looking for lucidgate/request.toml", devnode.display(),
+                    ev.property("ID_FS_LABEL").unwrap_or("no label"));
+                self.start_stick(ev.syspath.clone(), devnode);
+            }
+        }
+    }
+
+    /// Runs provisioning on a stick in a blocking task (one stick at a time).
+    fn start_stick(&mut self, syspath: PathBuf, devnode: PathBuf) {
+        let Ok(permit) = self.sticks.pending.clone().try_acquire_owned() else {
+            warn!(devnode = %devnode.display(), event = "provision-busy",
+                "{} sticks are being processed; {} is skipped (plug it in again later)", MAX_STICKS_PENDING, devnode.display());
+            return;
+        };
+        self.sticks.seen.insert(
+            syspath.clone(),
+            StickState::Running {
+                devnode: devnode.clone(),
+                again: false,
+            },
+        );
+        let config = self.config.clone();
+        let modules: BTreeMap<String, u16> = self
+            .relays
+            .iter()
+            .map(|(s, r)| (s.clone(), r.handle.port))
+            .collect();
+        let clock = self.sticks.clock.clone();
+        let lock = self.sticks.one_at_a_time.clone();
+        let done = self.sticks.done_tx.clone();
+        self.tracker.spawn(async move {
+            let _permit = permit;
+            let _turn = lock.lock().await;
+            let path = devnode.clone();
+            let run = tokio::task::spawn_blocking(move || {
+                let dev = crate::provision::Device {
+                    state_dir: &config.state_dir,
+                    pki: PkiSettings::from_config(&config),
+                    clock: clock.as_ref(),
+                    token_hash: config.provision.token_hash.clone(),
+                    hostname: crate::provision::hostname(&config),
+                    modules,
+                };
+                crate::provision::run_path(&path, &dev)
+            })
+            .await;
+            let status = match run {
+                Ok(Ok(outcome)) => Some(outcome.status),
+                Ok(Err(crate::provision::NotProvisioning::NoRequest)) => {
+                    info!(devnode = %devnode.display(), "USB stick {} has no lucidgate/request.toml; left alone", devnode.display());
+                    Some(crate::provision::Status::Refused)
+                }
+                Ok(Err(e)) => {
+                    warn!(devnode = %devnode.display(), event = "provision-failed", "USB stick {}: {e}", devnode.display());
+                    None
+                }
+                Err(e) => {
+                    error!("provisioning task failed: {e}");
+                    None
+                }
+            };
+            let _ = done.send((syspath, status)).await;
+        });
+    }
+
+    /// After a provisioning run: the PKI may have changed (new clients, an imported CA); a
+    /// stick that could not be read is read again if an event came meanwhile, else on its next.
+    fn on_provisioned(&mut self, syspath: PathBuf, status: Option<crate::provision::Status>) {
+        let state = self.sticks.seen.remove(&syspath);
+        match status {
+            Some(s) => {
+                self.sticks.seen.insert(syspath, StickState::Done);
+                if s == crate::provision::Status::Done {
+                    self.refresh_pki_settings();
+                }
+            }
+            None => {
+                if let Some(StickState::Running {
+                    devnode,
+                    again: true,
+                }) = state
+                {
+                    self.start_stick(syspath, devnode);
+                }
+            }
+        }
+    }
+
+    /// Re-reads the PKI, with settings that see an operator PKI installed meanwhile.
+    fn refresh_pki_settings(&mut self) {
+        let pki = PkiSettings::from_config(&self.config);
+        if *self.pki.settings.borrow() != pki {
+            info!(
+                event = "pki-reload",
+                "the PKI source changed (an imported PKI?); reloading it"
+            );
+            self.pki.settings.send_replace(pki);
+        }
+        self.pki.reload.notify_one();
+    }
+
     fn on_device(&mut self, ev: DeviceEvent) {
+        if ev.subsystem == "block" {
+            return self.on_block(ev);
+        }
         let key = ev.syspath.clone();
         let removed = ev.action == Action::Remove;
         if removed {
@@ -544,6 +712,9 @@ impl Supervisor {
             notes.push("discovery changes take effect after a restart".to_string());
             new.discovery = old.discovery.clone();
         }
+        if new.provision.usb != old.provision.usb {
+            notes.push("provision.usb changes take effect after a restart".to_string());
+        }
         if new.metrics != old.metrics {
             notes.push("metrics changes take effect after a restart".to_string());
             new.metrics = old.metrics.clone();
@@ -626,11 +797,16 @@ impl Supervisor {
                     }
                 },
                 Some(exit) = self.exits_rx.recv() => self.on_exit(exit),
+                Some((syspath, status)) = self.sticks.done_rx.recv() => {
+                    self.on_provisioned(syspath, status);
+                    continue;
+                }
                 Some(req) = control_rx.recv() => {
                     let answer = match req.command {
                         Command::Status => serde_json::to_value(self.status()).unwrap_or_default(),
                         Command::ReloadPki => {
-                            self.pki.reload.notify_one();
+                            // `provision` may have installed an operator PKI: settings first.
+                            self.refresh_pki_settings();
                             serde_json::json!({ "ok": true })
                         }
                         Command::Reload => match self.reload(lifecycle).await {
@@ -735,7 +911,13 @@ pub async fn serve(
         drop(watch_tx);
         None
     } else {
-        match udev_watch::spawn(&["tty"], watch_tx) {
+        // Block devices too when USB-stick provisioning is on (a stick at boot is seen too).
+        let subsystems: &[&str] = if config.provision.usb {
+            &["tty", "block"]
+        } else {
+            &["tty"]
+        };
+        match udev_watch::spawn(subsystems, watch_tx) {
             Ok(h) => Some(h),
             Err(e) => {
                 warn!(
@@ -763,7 +945,7 @@ pub async fn serve(
         spawn_pki_task(
             config.state_dir.clone(),
             pki_settings_rx,
-            clock,
+            clock.clone(),
             tls.clone(),
             pki_reload.clone(),
             cancel.clone(),
@@ -796,6 +978,7 @@ pub async fn serve(
         opts.source.clone(),
     );
     supervisor.set_announcer(announcer.clone());
+    supervisor.set_clock(clock.clone());
     let result = supervisor
         .run(watch_rx, watch_done, control_rx, reload_rx, lifecycle)
         .await;

@@ -24,6 +24,7 @@ pub mod migrate;
 pub mod openmetrics;
 pub mod ports;
 pub mod protocol;
+pub mod provision;
 pub mod pty;
 pub mod relay;
 pub mod state;

@@ -27,7 +27,11 @@ fn filter(level: &str) -> Targets {
         .and_then(|v| v.parse::<Targets>().ok())
         // rustls' own warnings (e.g. a client sending an IP address as SNI) are not the
         // operator's business; lucidgate logs every refused peer itself.
-        .or_else(|| format!("{level},rustls=error").parse().ok())
+        .or_else(|| {
+            format!("{level},rustls=error,fatfs=error,mdns_sd=warn")
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO))
 }
 

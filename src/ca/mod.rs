@@ -75,7 +75,17 @@ impl PkiSettings {
                     cert_file: cert.clone(),
                     key_file: key.clone(),
                 }),
-                _ => None,
+                // A PKI installed from a provisioning stick, when the config names none.
+                _ => {
+                    let dir = imported_dir(&c.state_dir);
+                    let ext = ExternalPki {
+                        ca_file: dir.join("ca.crt"),
+                        cert_file: dir.join("server.crt"),
+                        key_file: dir.join("server.key"),
+                    };
+                    (ext.ca_file.exists() && ext.cert_file.exists() && ext.key_file.exists())
+                        .then_some(ext)
+                }
             },
         }
     }
@@ -261,8 +271,8 @@ fn not_before_of(der: &[u8]) -> Result<SystemTime> {
 /// Issuer serial and SAN strings of a certificate, for "does it still fit" checks.
 fn describe_server(der: &[u8]) -> Result<(String, BTreeSet<String>, String)> {
     use x509_parser::prelude::*;
-    let (_, cert) =
-        parse_x509_certificate(der).map_err(|e| anyhow::anyhow!("unreadable certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow::anyhow!("unreadable certificate: {e}"))?;
     let mut sans = BTreeSet::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for gn in &san.value.general_names {
@@ -298,7 +308,7 @@ fn describe_server(der: &[u8]) -> Result<(String, BTreeSet<String>, String)> {
 
 fn key_id(der: &[u8]) -> String {
     use x509_parser::prelude::*;
-    parse_x509_certificate(der)
+    x509_parser::parse_x509_certificate(der)
         .ok()
         .and_then(|(_, c)| {
             c.iter_extensions()
@@ -353,6 +363,63 @@ pub fn server_names(settings: &PkiSettings) -> BTreeSet<String> {
         names.insert(format!("ip:{ip}"));
     }
     names
+}
+
+/// Where a PKI installed from a provisioning stick lives (used when `[tls]` names no files).
+pub fn imported_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("pki").join("imported")
+}
+
+/// Checks an operator's PKI (CA bundle, server chain, server key, as PEM) and installs it into
+/// [`imported_dir`]: the key must belong to the certificate and the certificate must be issued
+/// by a CA of the bundle. Returns a summary for logs.
+pub fn install_import(state_dir: &Path, ca: &[u8], cert: &[u8], key: &[u8]) -> Result<String> {
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("import.ca is not PEM certificates: {e}"))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("import.cert is not PEM certificates: {e}"))?;
+    let (Some(root), Some(leaf)) = (roots.first(), chain.first()) else {
+        bail!("import.ca and import.cert must each hold at least one certificate");
+    };
+    let private = PrivateKeyDer::from_pem_slice(key)
+        .map_err(|e| anyhow::anyhow!("import.key is not a PEM private key: {e}"))?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain.clone(), private, &provider)
+        .map_err(|e| anyhow::anyhow!("import.key does not belong to import.cert: {e}"))?;
+    let (_, leaf_x) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| anyhow::anyhow!("import.cert is not readable: {e}"))?;
+    let issuers: Vec<_> = roots
+        .iter()
+        .chain(chain.iter().skip(1))
+        .filter_map(|c| {
+            x509_parser::parse_x509_certificate(c)
+                .ok()
+                .map(|(_, x)| x.subject().to_string())
+        })
+        .collect();
+    if !issuers.contains(&leaf_x.issuer().to_string()) {
+        bail!(
+            "import.cert is issued by {:?}, which is not in import.ca (or the chain in import.cert)",
+            leaf_x.issuer().to_string()
+        );
+    }
+    let root_name = x509_parser::parse_x509_certificate(root)
+        .map(|(_, x)| x.subject().to_string())
+        .unwrap_or_default();
+    let dir = imported_dir(state_dir);
+    state::ensure_private_dir(state_dir)?;
+    state::ensure_private_dir(&dir)?;
+    // Key first: a cut between the files leaves no usable set (all three are needed) rather
+    // than a certificate without its key.
+    state::write_atomic(&dir.join("server.key"), key, 0o600)?;
+    state::write_atomic(&dir.join("server.crt"), cert, 0o644)?;
+    state::write_atomic(&dir.join("ca.crt"), ca, 0o644)?;
+    Ok(format!(
+        "CA {root_name:?}, server certificate {:?}",
+        leaf_x.subject().to_string()
+    ))
 }
 
 /// Validates a client name (it is a certificate CN and a file name).

@@ -380,6 +380,18 @@ impl Umockdev {
         self.call(&format!("change {syspath} {}", kv.join(" ")));
     }
 
+    /// Plugs in a USB stick whose partition holds a copy of `image`; returns its syspath and
+    /// the file that backs its device node (to read what lucidgate wrote).
+    pub fn add_stick(&mut self, idx: u32, image: &Path, fstype: &str) -> (String, PathBuf) {
+        let answer = self.call(&format!("addstick {idx} {} {fstype}", image.display()));
+        let (syspath, backing) = answer.split_once(' ').expect("syspath and backing file");
+        (syspath.to_string(), PathBuf::from(backing))
+    }
+
+    pub fn remove_stick(&mut self, syspath: &str) {
+        self.call(&format!("removestick {syspath}"));
+    }
+
     pub fn remove(&mut self, syspath: &str) {
         self.call(&format!("remove {syspath}"));
     }

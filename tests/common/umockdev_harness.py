@@ -11,6 +11,10 @@ on stdin and answers one line (`ok ...` or `err ...`):
                                        (present before the daemon starts). Answers the syspath.
   change SYSPATH KEY=VALUE...          set properties and send a `change` uevent
   remove SYSPATH                       send `remove` and take the device out of the bed
+  addstick IDX IMAGE FSTYPE            add a USB mass-storage partition /dev/sd<a+IDX>1 whose
+                                       content is a copy of the file IMAGE, with ID_FS_TYPE=FSTYPE;
+                                       answers the syspath and the backing file (the stick's bytes)
+  removestick SYSPATH                  send `remove` for a stick and take it out of the bed
   quit
 
 Limit of umockdev 0.17: a removed tty's name (and USB socket) cannot be added again in the
@@ -118,6 +122,35 @@ def main():
                 if emu:
                     emu.terminate()
                     emu.wait()
+                print("ok", flush=True)
+            elif cmd == "addstick":
+                idx, image, fstype = int(args[0]), args[1], args[2]
+                name = "sd%s1" % chr(ord("b") + idx)
+                port = "1-%d" % (20 + idx)
+                syspath = (
+                    "/sys/devices/pci0000:00/0000:00:14.0/usb1/%s/%s:1.0/host%d/target%d:0:0/%d:0:0:0/block/%s/%s"
+                    % (port, port, idx, idx, idx, name[:-1], name)
+                )
+                text = (
+                    "P: /devices/pci0000:00/0000:00:14.0/usb1/%s\nE: DEVTYPE=usb_device\nE: SUBSYSTEM=usb\nE: ID_BUS=usb\nA: serial=STICK%d\n\n"
+                    "P: %s\nN: %s=00\nE: DEVNAME=/dev/%s\nE: DEVTYPE=partition\nE: SUBSYSTEM=block\n"
+                    "E: ID_BUS=usb\nE: ID_FS_TYPE=%s\nE: ID_FS_LABEL=KEYS\nA: dev=8:%d\nA: partition=1\n"
+                    % (port, idx, syspath[len("/sys"):], name, name, fstype, 16 * (idx + 1) + 1)
+                )
+                # Adding the device already announces it (with a 1-byte node, "not FAT"); the
+                # content is swapped in whole (rename), then the stick is announced again, as a
+                # card reader does when media goes in.
+                tb.add_from_string(text)
+                backing = os.path.join(tb.get_root_dir(), "dev", name)
+                with open(image, "rb") as src, open(backing + ".tmp", "wb") as dst:
+                    dst.write(src.read())
+                os.replace(backing + ".tmp", backing)
+                tb.uevent(syspath, "change")
+                print("ok", syspath, backing, flush=True)
+            elif cmd == "removestick":
+                syspath = args[0]
+                tb.uevent(syspath, "remove")
+                tb.remove_device(syspath)
                 print("ok", flush=True)
             elif cmd == "quit":
                 break
