@@ -745,11 +745,101 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
     text: &str,
     origin: &str,
 ) -> Result<T, ConfigError> {
-    let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, origin, &e, None))?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let field = e.path().to_string();
-        toml_error(text, origin, e.inner(), Some(field))
+    toml::from_str(text).map_err(|e| {
+        let field = e.span().and_then(|s| field_at(text, s.start));
+        toml_error(text, origin, &e, field)
     })
+}
+
+/// The largest char boundary at or below `offset` (spans from the parser are byte offsets).
+fn boundary(text: &str, offset: usize) -> usize {
+    let mut o = offset.min(text.len());
+    while !text.is_char_boundary(o) {
+        o -= 1;
+    }
+    o
+}
+
+/// The dotted path of the field at byte `offset` of a TOML document, read from the text: the
+/// key of the `key = value` line the offset is in (or the nearest one above, for a value that
+/// spans lines), under the nearest `[table]` or `[[array]]` header above (the N-th `[[array]]`
+/// is `array[N]`, counted from 1). Best effort, for error messages.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let offset = boundary(text, offset);
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let lines: Vec<&str> = text[..line_start].lines().collect();
+    let current = text[line_start..].lines().next().unwrap_or("");
+    let header = |l: &str| -> Option<(String, bool)> {
+        let t = l.trim();
+        let array = t.starts_with("[[");
+        let name = t.strip_prefix('[')?.trim_start_matches('[');
+        let name = name.split(']').next()?.trim();
+        (!name.is_empty()).then(|| (name.to_string(), array))
+    };
+    let key_of = |l: &str| -> Option<String> {
+        let t = l.trim();
+        if t.starts_with('[') || t.starts_with('#') {
+            return None;
+        }
+        let (k, _) = t.split_once('=')?;
+        let k = k.trim();
+        (!k.is_empty()).then(|| k.to_string())
+    };
+    // The offset on a header: the table itself.
+    if let Some((name, _)) = header(current) {
+        return Some(path_with_table(&lines, name, &header));
+    }
+    let mut above = lines.len();
+    let mut key = key_of(current);
+    if key.is_none() {
+        // A value continued from a line above (a multi-line array).
+        while above > 0 {
+            above -= 1;
+            if header(lines[above]).is_some() {
+                above += 1;
+                break;
+            }
+            if let Some(k) = key_of(lines[above]) {
+                key = Some(k);
+                break;
+            }
+        }
+    }
+    let key = key?;
+    // The table the key is in.
+    for i in (0..above.min(lines.len())).rev() {
+        if let Some((name, array)) = header(lines[i]) {
+            let table = if array {
+                let n = lines[..=i]
+                    .iter()
+                    .filter(|l| header(l).is_some_and(|(h, a)| a && h == name))
+                    .count();
+                format!("{name}[{n}]")
+            } else {
+                name
+            };
+            return Some(format!("{table}.{key}"));
+        }
+    }
+    Some(key)
+}
+
+/// `name` as the path of a header line: an array of tables gets its index.
+fn path_with_table(
+    lines: &[&str],
+    name: String,
+    header: &dyn Fn(&str) -> Option<(String, bool)>,
+) -> String {
+    let n = lines
+        .iter()
+        .filter(|l| header(l).is_some_and(|(h, a)| a && h == name))
+        .count();
+    if n > 0 {
+        format!("{name}[{}]", n + 1)
+    } else {
+        name
+    }
 }
 
 /// Reads a UTF-8 text file (a `what`: config, attach config, ...) of at most `max` bytes;
@@ -784,7 +874,7 @@ pub fn read_text(path: &Path, max: u64, what: &str) -> Result<String, ConfigErro
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let before = &text[..boundary(text, offset)];
     let line = before.matches('\n').count() + 1;
     let col = before
         .rfind('\n')

@@ -66,8 +66,7 @@ pub fn init(level: &str, target: LogTarget) {
     }
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_target(false);
     let _ = tracing_subscriber::registry()
         .with(filter(level))
         .with(fmt)
