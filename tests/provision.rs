@@ -790,3 +790,79 @@ fn an_import_installs_the_operators_pki() {
     });
     assert_eq!(got, get_id_answer(AO4));
 }
+
+/// A crafted stick whose `lucidgate` directory is a cluster chain that loops onto itself, with no
+/// end marker: a reader that follows it never finishes. lucidgate gives up after reading
+/// `MAX_READ_BYTES` or its time limit and says so; nothing hangs.
+#[test]
+fn a_stick_with_a_looping_directory_does_not_hang_provisioning() {
+    use lucidgate::provision::ledger;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    require_tool("mkfs.vfat");
+    let img = dir.path().join("loop.img");
+    let out = Command::new("mkfs.vfat")
+        .args(["-C", "-F", "32", "-s", "1", "-n", "LOOP"])
+        .arg(&img)
+        .arg("34000")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    put(
+        &img,
+        "lucidgate/request.toml",
+        request("x", TOKEN, TWO_CLIENTS).as_bytes(),
+    );
+    let mut b = std::fs::read(&img).unwrap();
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let u32_at =
+        |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]) as usize;
+    let bps = u16_at(&b, 11);
+    let reserved = u16_at(&b, 14);
+    let fats = b[16] as usize;
+    let fat_sectors = u32_at(&b, 36);
+    let root = u32_at(&b, 44);
+    let data = (reserved + fats * fat_sectors) * bps;
+    let cluster_off = |c: usize| data + (c - 2) * bps;
+    // The first directory entry in the root: lucidgate/.
+    let r = cluster_off(root);
+    let entry = (0..bps / 32)
+        .map(|i| r + i * 32)
+        .find(|&e| b[e + 11] == 0x10 && b[e] != b'.' && b[e] != 0xE5)
+        .expect("the lucidgate directory entry");
+    let c = (u16_at(&b, entry + 20) << 16) | u16_at(&b, entry + 26);
+    // Its cluster: '.' and '..', then deleted entries only (no end marker), and its FAT entry
+    // points at itself, in every FAT.
+    let d = cluster_off(c);
+    for i in 2..bps / 32 {
+        b[d + i * 32..d + i * 32 + 32].fill(0);
+        b[d + i * 32] = 0xE5;
+    }
+    for f in 0..fats {
+        let o = (reserved + f * fat_sectors) * bps + c * 4;
+        b[o..o + 4].copy_from_slice(&(c as u32).to_le_bytes());
+    }
+    std::fs::write(&img, &b).unwrap();
+
+    let state = dir.path().join("state");
+    let clock = lucidgate::clock::SystemClock::from_env();
+    let dev = device(&state, &clock);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    // The daemon's limit is a minute (stick::TIME_LIMIT); two seconds here.
+    let disk = lucidgate::provision::stick::Disk::with_time_limit(file, Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let err = match lucidgate::provision::run_disk(disk, true, &dev) {
+        Ok(o) => format!("{:?} {} {:?}", o.status, o.message, o.errors),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("took too long") || err.contains("read more than"),
+        "{err}"
+    );
+    assert!(started.elapsed() < PATIENCE, "took {:?}", started.elapsed());
+    assert!(ledger::find(&state, "x").unwrap().is_none());
+}

@@ -115,6 +115,10 @@ pub enum NotProvisioning {
     Stick(#[from] StickError),
     #[error("no {REQUEST_PATH} on it (not a provisioning stick)")]
     NoRequest,
+    #[error(
+        "{path} is mounted at {at}; unmount it first (lucidgate reads and writes the stick itself)"
+    )]
+    Mounted { path: String, at: String },
     #[error("cannot open {path}: {source}")]
     Open {
         path: String,
@@ -122,9 +126,28 @@ pub enum NotProvisioning {
     },
 }
 
+/// Where `path` (a block device) is mounted, if it is: lucidgate must not write a filesystem the
+/// kernel has mounted (a desktop's automounter, an operator's `mount`).
+fn mounted_at(path: &Path) -> Option<String> {
+    let dev = std::fs::canonicalize(path).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (src, at) = (f.next()?, f.next()?);
+        (src.starts_with('/') && std::fs::canonicalize(src).ok()? == dev)
+            .then(|| at.replace("\\040", " "))
+    })
+}
+
 /// Runs provisioning on a block device or image file. The device is opened read-write (read-only
 /// when it is write-protected: then nothing can be issued, and the journal says why).
 pub fn run_path(path: &Path, dev: &Device) -> Result<Outcome, NotProvisioning> {
+    if let Some(at) = mounted_at(path) {
+        return Err(NotProvisioning::Mounted {
+            path: path.display().to_string(),
+            at,
+        });
+    }
     let open = |write: bool| {
         std::fs::OpenOptions::new()
             .read(true)

@@ -9,24 +9,55 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::time::{Duration, Instant};
 
 use fatfs::{Date, DateTime, FileSystem, FsOptions, Time, TimeProvider};
 
-/// A block device or image file whose `flush` reaches the medium (fsync).
+/// Most bytes read from one stick in one run. A legitimate run reads a few hundred KiB (the
+/// request, directories, the FAT for the free space); a crafted stick whose directory clusters
+/// form a loop would otherwise keep fatfs reading forever.
+pub const MAX_READ_BYTES: u64 = 128 * 1024 * 1024;
+/// Longest a run may take on one stick (the same loop, read slowly).
+pub const TIME_LIMIT: Duration = Duration::from_secs(60);
+
+/// A block device or image file whose `flush` reaches the medium (fsync), with a read budget
+/// and a time limit: past either, every read fails and the run ends with that error.
 #[derive(Debug)]
 pub struct Disk {
     file: File,
+    read: u64,
+    deadline: Instant,
 }
 
 impl Disk {
     pub fn new(file: File) -> Disk {
-        Disk { file }
+        Disk::with_time_limit(file, TIME_LIMIT)
+    }
+
+    pub fn with_time_limit(file: File, limit: Duration) -> Disk {
+        Disk {
+            file,
+            read: 0,
+            deadline: Instant::now() + limit,
+        }
     }
 }
 
 impl Read for Disk {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
+        if self.read > MAX_READ_BYTES {
+            return Err(io::Error::other(format!(
+                "read more than {MAX_READ_BYTES} bytes from the stick (a damaged or crafted filesystem?)"
+            )));
+        }
+        if Instant::now() > self.deadline {
+            return Err(io::Error::other(
+                "gave up on the stick: reading it took too long (a damaged or crafted filesystem?)",
+            ));
+        }
+        let n = self.file.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
     }
 }
 
