@@ -1094,6 +1094,24 @@ serial = "DEADBEEF"
     }
 
     #[test]
+    fn field_paths_are_read_from_the_file_and_never_panic() {
+        let text = "# c\n[ports]\nbase = 1\n[[device]]\npath = \"/a\"\n[[device]]\nserial = [\n  1,\n]\n[modules.\"AB\"]\nport = 2\n";
+        let at = |needle: &str| field_at(text, text.find(needle).unwrap());
+        assert_eq!(at("1\n[[").as_deref(), Some("ports.base"));
+        assert_eq!(at("\"/a\"").as_deref(), Some("device[1].path"));
+        assert_eq!(at("1,").as_deref(), Some("device[2].serial"));
+        assert_eq!(at("2\n").as_deref(), Some("modules.\"AB\".port"));
+        // Every offset of odd texts, multibyte characters included.
+        let odd = "é=\n[[ä]]\n= =\n[x\n\"ü\" = [\n\n]\n";
+        for t in [text, odd, "", "\n", "[", "[[", "a", "é"] {
+            for o in 0..=t.len() + 2 {
+                let _ = field_at(t, o);
+                let _ = line_col(t, o);
+            }
+        }
+    }
+
+    #[test]
     fn missing_default_file_means_defaults_but_named_file_must_exist() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("none.toml");

@@ -175,6 +175,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn garbage_requests_never_panic() {
+        let pieces = [
+            "token = \"t\"\n",
+            "[[client]]\n",
+            "name = ",
+            "\"../x\"",
+            "\"a\"",
+            "modules = [",
+            "\"*\"",
+            "]",
+            "\n",
+            "days = ",
+            "99999999999",
+            "-1",
+            "[import]\n",
+            "ca = ",
+            "\"/\"",
+            "é",
+            "\u{0}",
+            "{",
+            "}",
+            "=",
+            "#",
+            "id = ",
+            "read_only = true\n",
+        ];
+        let mut seed = 11u64;
+        for _ in 0..3000 {
+            let mut t = String::new();
+            for _ in 0..(seed % 16) {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                t.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
+            }
+            let _ = parse(&t, "fuzz");
+        }
+    }
+
+    #[test]
     fn a_valid_request() {
         let r = parse(
             "token = \"t\"\n[[client]]\nname = \"dash\"\nmodules = [\"11001001FA480000\"]\nread_only = true\ndays = 30\n",

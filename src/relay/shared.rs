@@ -230,6 +230,84 @@ where
 mod tests {
     use super::*;
 
+    /// Random byte streams from a client: the session ends (bad frame, EOF) without a panic, and
+    /// what reached the module is whole frames only.
+    #[tokio::test(start_paused = true)]
+    async fn random_client_bytes_never_panic_and_only_frames_pass() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..300 {
+            let len = (next() % 64) as usize;
+            // Mostly valid opcodes, so frames of every shape get through.
+            let ops = [0x40u8, 0x42, 0x46, 0x48, 0x52, 0xA0, 0xA2, 0xC0];
+            let bytes: Vec<u8> = (0..len)
+                .map(|i| {
+                    let r = next();
+                    if i % 7 == 0 {
+                        ops[(r % 8) as usize]
+                    } else {
+                        r as u8
+                    }
+                })
+                .collect();
+            let (mut client_far, mut client) = tokio::io::duplex(4096);
+            let (mut module_far, mut module) = tokio::io::duplex(4096);
+            let metrics = Metrics::default();
+            let traffic = Traffic::default();
+            let ctx = ClientCtx {
+                who: "fuzz",
+                read_only: next() % 2 == 0,
+                idle_timeout: None,
+                metrics: &metrics,
+                traffic: &traffic,
+            };
+            client_far.write_all(&bytes).await.unwrap();
+            drop(client_far);
+            // The module answers every request it gets with an empty OK.
+            let answering = async {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 512];
+                loop {
+                    match tokio::time::timeout(
+                        Duration::from_millis(50),
+                        module_far.read(&mut chunk),
+                    )
+                    .await
+                    {
+                        Ok(Ok(n)) if n > 0 => {
+                            buf.extend_from_slice(&chunk[..n]);
+                            while let Ok(n) = Request::check(&buf) {
+                                assert!(is_known_opcode(buf[0]), "only frames reach the module");
+                                buf.drain(..n);
+                                module_far.write_all(&[0, 0]).await.unwrap();
+                            }
+                        }
+                        _ => return buf,
+                    }
+                }
+            };
+            let t = Duration::from_millis(10);
+            let (end, rest) =
+                tokio::join!(serve_alone(&mut client, &mut module, &ctx, t), answering);
+            assert!(
+                rest.is_empty(),
+                "a partial frame reached the module: {rest:02X?}"
+            );
+            assert!(
+                matches!(
+                    end,
+                    SessionEnd::ClientClosed | SessionEnd::BadFrame(_) | SessionEnd::ClientError(_)
+                ),
+                "{end:?}"
+            );
+        }
+    }
+
     /// A read-only client: reads pass, a write is answered 0xA0 locally and never reaches the
     /// module, garbage ends the session.
     #[tokio::test]
