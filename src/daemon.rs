@@ -504,7 +504,12 @@ impl Supervisor {
                 "module gone"
             };
             info!(module_serial = %serial, port = r.handle.port, event = "relay-stopped", "stopping relay for {serial} on port {} ({why})", r.handle.port);
-            r.handle.stop(stop_timeout).await;
+            let present = self.devices.values().any(|d| d.serial == serial);
+            if present {
+                r.handle.stop(stop_timeout).await;
+            } else {
+                r.handle.stop_unplugged(stop_timeout).await;
+            }
         }
         self.failures
             .retain(|serial, _| desired.contains_key(serial));

@@ -90,11 +90,12 @@ pub async fn identify<D>(
     usb_serial: &str,
     timeout: Duration,
     stop: &CancellationToken,
+    unplugged: &CancellationToken,
 ) -> std::io::Result<IdentityState>
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let raw = match exchange(dev, &[opcode::GET_ID, 0, 0, 0], timeout, stop).await? {
+    let raw = match exchange(dev, &[opcode::GET_ID, 0, 0, 0], timeout, stop, unplugged).await? {
         Exchanged::Answer(raw) => raw,
         Exchanged::Timeout { partial } => {
             return Ok(IdentityState::Failed(format!(
@@ -150,7 +151,7 @@ mod tests {
         };
         let t = Duration::from_millis(1000);
         let go = CancellationToken::new();
-        let (state, _far) = tokio::join!(identify(&mut near, serial, t, &go), module);
+        let (state, _far) = tokio::join!(identify(&mut near, serial, t, &go, &go), module);
         state.unwrap()
     }
 

@@ -121,10 +121,18 @@ pub struct RelayHandle {
     pub stats: Arc<RelayStats>,
     pub since: std::time::SystemTime,
     cancel: CancellationToken,
+    /// Cancelled (before `cancel`) when the device was unplugged: no answer is waited for.
+    unplugged: CancellationToken,
     join: tokio::task::JoinHandle<()>,
 }
 
 impl RelayHandle {
+    /// Stops the relay of a module that was unplugged: nothing of it is waited for.
+    pub async fn stop_unplugged(self, timeout: Duration) {
+        self.unplugged.cancel();
+        self.stop(timeout).await;
+    }
+
     /// Stops the relay and waits (up to `timeout`) until its port and device are closed.
     pub async fn stop(self, timeout: Duration) {
         self.cancel.cancel();
@@ -154,6 +162,7 @@ pub fn start(
     announcer: Option<Announcer>,
 ) -> Result<RelayHandle> {
     let cancel = parent.child_token();
+    let unplugged = CancellationToken::new();
     let stats = Arc::new(RelayStats::default());
     let relay_tasks = TaskTracker::new();
     let (tx, rx) = mpsc::channel(INCOMING_QUEUE);
@@ -179,6 +188,7 @@ pub fn start(
         tasks: relay_tasks.clone(),
         announcer: announcer.clone(),
         port,
+        unplugged: unplugged.clone(),
     };
     let serial_name = spec.serial.clone();
     let join = tracker.spawn(
@@ -206,6 +216,7 @@ pub fn start(
         stats,
         since: std::time::SystemTime::now(),
         cancel,
+        unplugged,
         join,
     })
 }
@@ -220,6 +231,7 @@ struct Relay {
     tasks: TaskTracker,
     announcer: Option<Announcer>,
     port: u16,
+    unplugged: CancellationToken,
 }
 
 fn describe(c: &Accepted) -> String {
@@ -265,6 +277,7 @@ impl Relay {
             &self.spec.serial,
             self.spec.answer_timeout,
             &self.cancel,
+            &self.unplugged,
         )
         .await
         {
@@ -362,6 +375,7 @@ impl Relay {
             &mut self.serial,
             &mut ask_rx,
             &self.cancel,
+            &self.unplugged,
             self.spec.answer_timeout,
             &self.stats.metrics,
         );

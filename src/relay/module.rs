@@ -52,13 +52,15 @@ pub fn discard_pending<D: AsyncRead + Unpin + ?Sized>(dev: &mut D) -> io::Result
     }
 }
 
-/// Sends `request` (one whole frame) and waits up to `timeout` for one answer frame (up to
-/// [`STOP_GRACE`] once `stop` is cancelled). `Err` only when the port fails: the module is gone.
+/// Sends `request` (one whole frame) and waits up to `timeout` for one answer frame: up to
+/// [`STOP_GRACE`] once `stop` is cancelled, not at all once `unplugged` is (the device is gone:
+/// nobody will open it after us). `Err` only when the port fails: the module is gone.
 pub async fn exchange<D>(
     dev: &mut D,
     request: &[u8],
     timeout: Duration,
     stop: &CancellationToken,
+    unplugged: &CancellationToken,
 ) -> io::Result<Exchanged>
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -92,7 +94,11 @@ where
         tokio::select! {
             r = &mut read => Some(r),
             _ = tokio::time::sleep(timeout) => None,
-            _ = stop.cancelled() => tokio::time::timeout(STOP_GRACE, &mut read).await.ok(),
+            _ = unplugged.cancelled() => None,
+            _ = stop.cancelled() => tokio::select! {
+                r = tokio::time::timeout(STOP_GRACE, &mut read) => r.ok(),
+                _ = unplugged.cancelled() => None,
+            },
         }
     };
     match outcome {
@@ -121,7 +127,10 @@ mod tests {
         };
         let t = Duration::from_secs(1);
         let go = CancellationToken::new();
-        let (got, mut far) = tokio::join!(exchange(&mut near, &[0x46, 0, 0x1D, 0], t, &go), module);
+        let (got, mut far) = tokio::join!(
+            exchange(&mut near, &[0x46, 0, 0x1D, 0], t, &go, &go),
+            module
+        );
         assert_eq!(
             got.unwrap(),
             Exchanged::Answer(vec![0x00, 0x04, 1, 2, 3, 4])
@@ -134,7 +143,8 @@ mod tests {
             far.write_all(&[0x00]).await.unwrap();
             far
         };
-        let (got, mut far) = tokio::join!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &go), silent);
+        let (got, mut far) =
+            tokio::join!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &go, &go), silent);
         assert_eq!(got.unwrap(), Exchanged::Timeout { partial: 1 });
 
         // Stopping: an answer on its way is still read, a silent module is given up on soon.
@@ -147,7 +157,8 @@ mod tests {
             far.write_all(&[0x00, 0x00]).await.unwrap();
             far
         };
-        let (got, mut far) = tokio::join!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &stop), slow);
+        let (got, mut far) =
+            tokio::join!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &stop, &go), slow);
         assert_eq!(got.unwrap(), Exchanged::Answer(vec![0x00, 0x00]));
         let start = tokio::time::Instant::now();
         let silent = async {
@@ -155,12 +166,26 @@ mod tests {
             far.read_exact(&mut req).await.unwrap();
             far
         };
-        let (got, far) = tokio::join!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &stop), silent);
+        let (got, far) = tokio::join!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &stop, &go), silent);
         assert_eq!(got.unwrap(), Exchanged::Timeout { partial: 0 });
         assert_eq!(start.elapsed(), STOP_GRACE);
 
+        // Unplugged: nothing is waited for.
+        let (far2, mut near2) = tokio::io::duplex(256);
+        let gone = CancellationToken::new();
+        gone.cancel();
+        let start = tokio::time::Instant::now();
+        let got = exchange(&mut near2, &[0xC0, 0, 0, 0], t, &stop, &gone).await;
+        assert_eq!(got.unwrap(), Exchanged::Timeout { partial: 0 });
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        drop(far2);
+
         // A hang-up is an error.
         drop(far);
-        assert!(exchange(&mut near, &[0xC0, 0, 0, 0], t, &go).await.is_err());
+        assert!(
+            exchange(&mut near, &[0xC0, 0, 0, 0], t, &go, &go)
+                .await
+                .is_err()
+        );
     }
 }

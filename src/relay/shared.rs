@@ -144,6 +144,7 @@ pub async fn serve_module<D>(
     dev: &mut D,
     asks: &mut mpsc::Receiver<Ask>,
     stop: &CancellationToken,
+    unplugged: &CancellationToken,
     timeout: Duration,
     metrics: &Metrics,
 ) -> io::Result<()>
@@ -169,7 +170,7 @@ where
             },
         };
         metrics.requests.fetch_add(1, Relaxed);
-        let got = exchange(dev, &ask.frame, timeout, stop).await?;
+        let got = exchange(dev, &ask.frame, timeout, stop, unplugged).await?;
         match &got {
             Exchanged::Answer(a) => metrics.answer(a[0]),
             Exchanged::Timeout { partial } => {
@@ -208,7 +209,7 @@ where
     // The module side ends when the client's queue closes (not on its own).
     let until_done = CancellationToken::new();
     let client = serve_client(stream, ctx, tx);
-    let module = serve_module(dev, &mut rx, &until_done, timeout, ctx.metrics);
+    let module = serve_module(dev, &mut rx, &until_done, &until_done, timeout, ctx.metrics);
     tokio::pin!(client, module);
     tokio::select! {
         end = &mut client => {
