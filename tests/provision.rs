@@ -715,55 +715,37 @@ fn an_import_installs_the_operators_pki() {
     set_token(&d);
     let import = "[import]\nca = \"import/ca.crt\"\ncert = \"import/server.crt\"\nkey = \"import/server.key\"\n";
 
+    // A stick with the import request, the operator's CA and certificate, and `key`.
+    let import_stick = |name: &str, id: &str, key: &str| {
+        let img = fat_image(dir.path(), name, 2048);
+        put(
+            &img,
+            "lucidgate/request.toml",
+            request(id, TOKEN, import).as_bytes(),
+        );
+        for (on_stick, file) in [
+            ("ca.crt", "ca.crt"),
+            ("server.crt", "server.crt"),
+            ("server.key", key),
+        ] {
+            put(
+                &img,
+                &format!("lucidgate/import/{on_stick}"),
+                &std::fs::read(pki.join(file)).unwrap(),
+            );
+        }
+        img
+    };
+
     // The wrong key first.
-    let img = fat_image(dir.path(), "bad-import.img", 2048);
-    put(
-        &img,
-        "lucidgate/request.toml",
-        request("imp-0", TOKEN, import).as_bytes(),
-    );
-    put(
-        &img,
-        "lucidgate/import/ca.crt",
-        &std::fs::read(pki.join("ca.crt")).unwrap(),
-    );
-    put(
-        &img,
-        "lucidgate/import/server.crt",
-        &std::fs::read(pki.join("server.crt")).unwrap(),
-    );
-    put(
-        &img,
-        "lucidgate/import/server.key",
-        &std::fs::read(pki.join("other.key")).unwrap(),
-    );
+    let img = import_stick("bad-import.img", "imp-0", "other.key");
     let (code, out) = provision(&d.config, &img);
     assert_eq!(code, 1, "{out}");
     let res = get_text(&img, "lucidgate/result.toml");
     assert!(res.contains("does not belong to import.cert"), "{res}");
     assert!(!d.dir.path().join("state/pki/imported").exists());
 
-    let img = fat_image(dir.path(), "import.img", 2048);
-    put(
-        &img,
-        "lucidgate/request.toml",
-        request("imp-1", TOKEN, import).as_bytes(),
-    );
-    put(
-        &img,
-        "lucidgate/import/ca.crt",
-        &std::fs::read(pki.join("ca.crt")).unwrap(),
-    );
-    put(
-        &img,
-        "lucidgate/import/server.crt",
-        &std::fs::read(pki.join("server.crt")).unwrap(),
-    );
-    put(
-        &img,
-        "lucidgate/import/server.key",
-        &std::fs::read(pki.join("server.key")).unwrap(),
-    );
+    let img = import_stick("import.img", "imp-1", "server.key");
     let (code, out) = provision(&d.config, &img);
     assert_eq!(code, 0, "{out}");
     let res = get_text(&img, "lucidgate/result.toml");
