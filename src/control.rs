@@ -71,6 +71,8 @@ pub struct ModuleStatus {
 pub struct StatusReport {
     pub version: String,
     pub pid: u32,
+    /// Tasks alive in the daemon's runtime (a leak shows as growth across plug cycles).
+    pub tasks: usize,
     pub modules: Vec<ModuleStatus>,
 }
 

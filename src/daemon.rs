@@ -457,6 +457,7 @@ impl Supervisor {
             idle_timeout: None,
             keepalive: Duration::ZERO,
             max_pending: 1,
+            handshake_timeout: Duration::ZERO,
             max_clients: 1,
             answer_timeout: Duration::ZERO,
         };
@@ -674,6 +675,9 @@ impl Supervisor {
         StatusReport {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
+            tasks: tokio::runtime::Handle::try_current()
+                .map(|h| h.metrics().num_alive_tasks())
+                .unwrap_or(0),
             modules,
         }
     }

@@ -23,8 +23,56 @@ pub const LISTEN_BACKLOG: i32 = 128;
 /// First pause after a failed accept (e.g. out of file descriptors); doubles up to the max.
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// Time a transport handshake may take (TLS uses it; plain is immediate).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Refused connections logged one by one per window and module; beyond that they are counted
+/// and summed up in one line when the window is over (a flood must not flood the journal).
+pub const REFUSAL_LOG_BURST: u32 = 10;
+pub const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(1);
+
+/// The budget of refusal log lines of one module's listeners.
+#[derive(Default)]
+struct RefusalLog {
+    state: std::sync::Mutex<RefusalWindow>,
+}
+
+#[derive(Default)]
+struct RefusalWindow {
+    start: Option<tokio::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    /// Whether this refusal may be logged on its own; emits the summary of the last window.
+    fn admit(&self) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if w.start
+            .is_none_or(|s| now.duration_since(s) >= REFUSAL_LOG_WINDOW)
+        {
+            if w.suppressed > 0 {
+                tracing::warn!(
+                    event = "client-refused",
+                    refused_unlogged = w.suppressed,
+                    "{} more connections refused in {:?} (not logged one by one: at most {REFUSAL_LOG_BURST} per {REFUSAL_LOG_WINDOW:?})",
+                    w.suppressed,
+                    now.duration_since(w.start.unwrap_or(now))
+                );
+            }
+            *w = RefusalWindow {
+                start: Some(now),
+                logged: 0,
+                suppressed: 0,
+            };
+        }
+        if w.logged < REFUSAL_LOG_BURST {
+            w.logged += 1;
+            true
+        } else {
+            w.suppressed += 1;
+            false
+        }
+    }
+}
 
 /// Binds `port` on every address of `addrs`. Fails if any address cannot be bound, so a
 /// module is either reachable on all configured addresses or not started; an IPv6 address on
@@ -94,6 +142,8 @@ pub struct AcceptConfig {
     pub transport: Transport,
     pub keepalive: Duration,
     pub max_pending: usize,
+    /// Time a transport handshake may take (`limits.handshake_timeout_ms`; plain is immediate).
+    pub handshake_timeout: Duration,
 }
 
 /// Runs one accept loop per listener until `cancel`; connections that pass the transport are
@@ -106,17 +156,19 @@ pub fn spawn_acceptors(
     tracker: &TaskTracker,
 ) -> io::Result<()> {
     let permits = Arc::new(Semaphore::new(cfg.max_pending));
+    let refusals = Arc::new(RefusalLog::default());
     let mut tokio_listeners = Vec::with_capacity(listeners.len());
     for l in listeners {
         tokio_listeners.push(TcpListener::from_std(l)?);
     }
     for listener in tokio_listeners {
-        let (cfg, tx, cancel, permits, t) = (
+        let (cfg, tx, cancel, permits, t, refusals) = (
             cfg.clone(),
             tx.clone(),
             cancel.clone(),
             permits.clone(),
             tracker.clone(),
+            refusals.clone(),
         );
         tracker.spawn(async move {
             let mut backoff = ACCEPT_BACKOFF_START;
@@ -142,10 +194,12 @@ pub fn spawn_acceptors(
                 };
                 tune_client(&tcp, cfg.keepalive);
                 let (transport, tx, cancel) = (cfg.transport.clone(), tx.clone(), cancel.clone());
+                let handshake_timeout = cfg.handshake_timeout;
+                let refusals = refusals.clone();
                 t.spawn(async move {
                     let accepted = tokio::select! {
                         _ = cancel.cancelled() => return,
-                        r = transport.accept(tcp, peer, HANDSHAKE_TIMEOUT) => r,
+                        r = transport.accept(tcp, peer, handshake_timeout) => r,
                     };
                     match accepted {
                         Ok(client) => {
@@ -156,8 +210,13 @@ pub fn spawn_acceptors(
                                 })
                                 .await;
                         }
-                        Err(e) => tracing::warn!(peer_addr = %peer, client_name = e.client_name().unwrap_or(""),
-                            event = "client-refused", "client refused: {e}"),
+                        Err(e) => {
+                            drop(permit);
+                            if refusals.admit() {
+                                tracing::warn!(peer_addr = %peer, client_name = e.client_name().unwrap_or(""),
+                                    event = "client-refused", "client refused: {e}");
+                            }
+                        }
                     }
                 });
             }

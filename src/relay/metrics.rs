@@ -39,6 +39,17 @@ impl Metrics {
         }
     }
 
+    /// Answers of any status so far.
+    pub fn answers(&self) -> u64 {
+        self.answers_ok.load(Relaxed)
+            + self
+                .answer_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .sum::<u64>()
+    }
+
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             requests: self.requests.load(Relaxed),

@@ -57,6 +57,8 @@ pub struct RelaySpec {
     pub idle_timeout: Option<Duration>,
     pub keepalive: Duration,
     pub max_pending: usize,
+    /// A transport handshake (TLS) must finish within this time.
+    pub handshake_timeout: Duration,
     /// Clients at once under `policy = "shared"`.
     pub max_clients: usize,
     /// How long the module gets to answer a request lucidgate forwards frame by frame.
@@ -70,6 +72,7 @@ impl RelaySpec {
             (limits.idle_timeout_secs > 0).then(|| Duration::from_secs(limits.idle_timeout_secs));
         self.keepalive = Duration::from_secs(limits.keepalive_secs);
         self.max_pending = limits.max_pending_per_module;
+        self.handshake_timeout = Duration::from_millis(limits.handshake_timeout_ms);
         self.max_clients = limits.max_clients_per_module;
         self.answer_timeout = Duration::from_millis(limits.answer_timeout_ms);
     }
@@ -172,6 +175,7 @@ pub fn start(
             transport,
             keepalive: spec.keepalive,
             max_pending: spec.max_pending,
+            handshake_timeout: spec.handshake_timeout,
         },
         tx,
         cancel.clone(),
@@ -455,6 +459,29 @@ impl Relay {
         }
     }
 
+    /// A client left with `unanswered` requests (e.g. one that never read): the answers still
+    /// coming are dropped until the module is quiet, so the next client's first answer is its
+    /// own. (The requests still queued are left to the module: flushing them would cut a frame
+    /// and the module would read the next client's request as the rest of it.) Costs nothing
+    /// after a client whose requests were all answered.
+    async fn settle(&mut self, who: &str, unanswered: u64) -> std::io::Result<()> {
+        let limit = module::SETTLE_MAX;
+        let (dropped, quiet) =
+            module::settle(&mut self.serial, module::SETTLE_QUIET, limit).await?;
+        if quiet {
+            info!(
+                event = "answers-dropped",
+                "client {who} left with {unanswered} requests unanswered; dropped {dropped} bytes of answers meant for it"
+            );
+        } else {
+            warn!(
+                event = "answers-dropped",
+                "client {who} left with {unanswered} requests unanswered; the module was still sending after {limit:?} ({dropped} bytes dropped), serving the next client anyway"
+            );
+        }
+        Ok(())
+    }
+
     /// Serves one client until it leaves. Returns `Some(Ok(next))` when a newer client takes
     /// over (kick-old), `Some(Err(reason))` when the relay must end, `None` to go idle.
     async fn session(&mut self, incoming: Incoming) -> Option<Result<Incoming, ExitReason>> {
@@ -470,6 +497,10 @@ impl Relay {
         *self.stats.client_list() = vec![who.clone()];
 
         let mut outcome: Option<Result<Incoming, ExitReason>> = None;
+        let (requests_before, answers_before) = (
+            self.stats.metrics.requests.load(Ordering::Relaxed),
+            self.stats.metrics.answers(),
+        );
         let end = {
             let stats = &*self.stats;
             let spec = &self.spec;
@@ -545,6 +576,28 @@ impl Relay {
         let _ = tokio::time::timeout(CLIENT_CLOSE_TIMEOUT, accepted.stream.shutdown()).await;
         self.stats.clients.store(0, Ordering::Relaxed);
         self.stats.client_list().clear();
+        let client_left = matches!(
+            end,
+            Some(
+                SessionEnd::ClientClosed
+                    | SessionEnd::ClientError(_)
+                    | SessionEnd::ClientIdle(_)
+                    | SessionEnd::BadFrame(_)
+            )
+        ) || matches!(outcome, Some(Ok(_)));
+        let unanswered = self
+            .stats
+            .metrics
+            .requests
+            .load(Ordering::Relaxed)
+            .saturating_sub(requests_before)
+            .saturating_sub(self.stats.metrics.answers().saturating_sub(answers_before));
+        if client_left
+            && unanswered > 0
+            && let Err(e) = self.settle(&who, unanswered).await
+        {
+            return Some(Err(ExitReason::DeviceGone(e.to_string())));
+        }
         match end {
             Some(SessionEnd::ClientClosed) => {
                 info!(event = "client-disconnected", "client {who} disconnected");

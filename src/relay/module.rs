@@ -52,6 +52,44 @@ pub fn discard_pending<D: AsyncRead + Unpin + ?Sized>(dev: &mut D) -> io::Result
     }
 }
 
+/// How long a module must stay silent before the answers owed to a departed client count as
+/// all delivered (a module answers within milliseconds; see [`settle`]).
+pub const SETTLE_QUIET: Duration = Duration::from_millis(100);
+/// The most time a relay spends dropping answers owed to a departed client (one that wrote
+/// thousands of requests and never read takes a while to be answered).
+pub const SETTLE_MAX: Duration = Duration::from_secs(5);
+
+/// Drops what the module still sends for a client that left with requests unanswered: reads
+/// and discards until the module has been silent for `quiet`, for at most `limit`. Returns the
+/// bytes dropped and whether the module fell silent; `Err` when the port failed or hung up.
+pub async fn settle<D: AsyncRead + Unpin + ?Sized>(
+    dev: &mut D,
+    quiet: Duration,
+    limit: Duration,
+) -> io::Result<(usize, bool)> {
+    let mut chunk = [0u8; 4096];
+    let mut dropped = 0;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let wait = quiet.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        if wait.is_zero() {
+            return Ok((dropped, false));
+        }
+        match tokio::time::timeout(wait, dev.read(&mut chunk)).await {
+            Err(_) if tokio::time::Instant::now() < deadline => return Ok((dropped, true)),
+            Err(_) => return Ok((dropped, false)),
+            Ok(Ok(0)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "device hung up",
+                ));
+            }
+            Ok(Ok(n)) => dropped += n,
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
 /// Sends `request` (one whole frame) and waits up to `timeout` for one answer frame: up to
 /// [`STOP_GRACE`] once `stop` is cancelled, not at all once `unplugged` is (the device is gone:
 /// nobody will open it after us). `Err` only when the port fails: the module is gone.
@@ -110,6 +148,39 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn settle_drops_answers_until_the_module_is_quiet_and_is_bounded() {
+        let (mut far, mut near) = tokio::io::duplex(256);
+        let module = async {
+            for _ in 0..5 {
+                far.write_all(&[0x00, 0x00]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            far
+        };
+        let (got, mut far) = tokio::join!(
+            settle(&mut near, SETTLE_QUIET, Duration::from_secs(1)),
+            module
+        );
+        assert_eq!(got.unwrap(), (10, true));
+        // A module that never stops talking is given up on after the limit.
+        let chatter = async {
+            loop {
+                if far.write_all(&[0xFF]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::select! {
+            r = settle(&mut near, SETTLE_QUIET, Duration::from_millis(200)) => {
+                let (n, quiet) = r.unwrap();
+                assert!(!quiet && n >= 30, "{n} {quiet}");
+            }
+            _ = chatter => unreachable!("the module side never ends by itself"),
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn stale_bytes_are_dropped_and_one_answer_is_read() {

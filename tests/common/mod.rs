@@ -284,6 +284,24 @@ impl Daemon {
             .count()
     }
 
+    /// (resident, peak resident) memory of the daemon process in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let st = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/PID/status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// Tasks alive in the daemon's async runtime (from `status --json`).
+    pub fn task_count(&self) -> u64 {
+        self.status()["tasks"].as_u64().expect("status has tasks")
+    }
+
     /// Tasks (threads) of the daemon process.
     pub fn thread_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/task", self.pid()))
@@ -497,7 +515,7 @@ pub fn connect(port: u16) -> TcpStream {
 }
 
 /// Reads one LucidControl answer frame from `s`.
-pub fn read_answer(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+pub fn read_answer(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 300];
     loop {
@@ -514,7 +532,7 @@ pub fn read_answer(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 }
 
 /// Sends one request on `s` and reads its answer.
-pub fn ask(s: &mut TcpStream, req: &[u8]) -> Vec<u8> {
+pub fn ask<S: Read + Write>(s: &mut S, req: &[u8]) -> Vec<u8> {
     s.write_all(req).unwrap();
     read_answer(s).expect("an answer")
 }
@@ -622,4 +640,48 @@ pub fn static_device(link: &Path, serial: &str) -> String {
         "[[device]]\npath = \"{}\"\nserial = \"{serial}\"\n",
         link.display()
     )
+}
+
+/// A TLS client configuration from a directory made by [`issue_client`] (rustls, as a real
+/// peer: the server's certificate is verified against the directory's `ca.crt`).
+pub fn tls_client_config(dir: &Path, name: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("ca.crt")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(dir.join(format!("{name}.crt")))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join(format!("{name}.key"))).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
+}
+
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Connects with TLS and finishes the handshake (so a refusal shows here, not at first read).
+pub fn tls_connect(
+    port: u16,
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(3)))?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(std::io::Error::other)?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    Ok(s)
 }
