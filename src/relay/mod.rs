@@ -357,6 +357,9 @@ impl Relay {
                         Ok(0) => return ExitReason::DeviceGone("device hung up".into()),
                         Ok(n) => {
                             tracing::debug!("discarded {n} bytes from the module: no client connected");
+                            // A device that never stops talking must not starve the other
+                            // modules on this thread: let the I/O driver run between reads.
+                            tokio::task::yield_now().await;
                             continue;
                         }
                         Err(e) => return ExitReason::DeviceGone(e.to_string()),

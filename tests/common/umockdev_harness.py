@@ -82,14 +82,16 @@ def main():
                     .replace("deciphe_it_LucidIo_AO4", vendor + "_" + model)
                     .replace("ID_MODEL=LucidIo_AO4", "ID_MODEL=" + model)
                 )
-                tb.add_from_string(text)
                 devnode = "/dev/ttyACM%d" % idx
                 syspath = "/sys/devices/pci0000:00/0000:00:14.0/usb1/%s/%s:1.0/tty/ttyACM%d" % (
                     port,
                     port,
                     idx,
                 )
+                # The ioctl handler first: adding the device may already announce it, and a
+                # daemon that opens the node before the handler is there loses its process.
                 tb.attach_ioctl(devnode, handler)
+                tb.add_from_string(text)
                 fd = tb.get_dev_fd(devnode)
                 cls = serial[:4] if len(serial) == 16 else "1100"
                 emu_serial = serial if len(serial) == 16 else "11001001FA4800%02X" % idx
