@@ -156,13 +156,8 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>) {
     let mut reader = BufReader::new(rd).take(MAX_REQUEST_BYTES as u64 + 1);
     let answer = match reader.read_until(b'\n', &mut line).await {
         Err(e) => serde_json::json!({ "error": format!("reading request: {e}") }),
-        Ok(_) if line.len() > MAX_REQUEST_BYTES => {
-            serde_json::json!({ "error": format!("request longer than {MAX_REQUEST_BYTES} bytes") })
-        }
-        Ok(_) => match serde_json::from_slice::<Command>(&line) {
-            Err(e) => serde_json::json!({
-                "error": format!("bad request: {e}; send one JSON line such as {{\"cmd\":\"status\"}}")
-            }),
+        Ok(_) => match parse_request(&line) {
+            Err(e) => serde_json::json!({ "error": e }),
             Ok(command) => {
                 let (reply, rx) = oneshot::channel();
                 if tx.send(Request { command, reply }).await.is_err() {
@@ -179,6 +174,16 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>) {
     out.push(b'\n');
     let _ = wr.write_all(&out).await;
     let _ = wr.shutdown().await;
+}
+
+/// Parses one request line of the control protocol (a JSON object such as
+/// `{"cmd":"status"}`, at most [`MAX_REQUEST_BYTES`]); the error is what the client is told.
+pub fn parse_request(line: &[u8]) -> Result<Command, String> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+    }
+    serde_json::from_slice::<Command>(line)
+        .map_err(|e| format!("bad request: {e}; send one JSON line such as {{\"cmd\":\"status\"}}"))
 }
 
 /// Sends `command` to the daemon at `path` and returns its answer.

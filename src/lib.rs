@@ -19,6 +19,8 @@ pub mod daemon;
 pub mod device;
 pub mod discovery;
 pub mod emulator;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logging;
 pub mod migrate;
 pub mod openmetrics;

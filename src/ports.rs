@@ -122,7 +122,8 @@ impl Registry {
     /// moved aside (ports can be derived again) and reported in the returned warnings.
     pub fn load(state_dir: &Path) -> Result<(Registry, Vec<String>)> {
         let path = state_dir.join(REGISTRY_FILE);
-        let mut warnings = Vec::new();
+        // Temporary files of writes a crash interrupted (the files themselves are whole).
+        let mut warnings = crate::state::recover_group(state_dir)?;
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {

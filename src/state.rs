@@ -10,6 +10,43 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+/// Test hook for power-cut tests (`tests/power_cut.rs`): with this variable set to N, the
+/// process kills itself (SIGKILL, no clean-up) at the N-th step of a state write, numbered
+/// across the process's life from 1; set to `list` it prints every step it passes to stderr
+/// (`crash-point N: STEP PATH`). Unset, the hook costs one atomic load per step.
+pub const CRASH_AT_ENV: &str = "LUCIDGATE_DANGEROUS_CRASH_AT";
+
+/// The steps of one atomic write at which a crash is tried.
+fn crash_point(step: &str, path: &Path) {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    enum Hook {
+        Off,
+        List,
+        At(u64),
+    }
+    static HOOK: OnceLock<Hook> = OnceLock::new();
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let hook = HOOK.get_or_init(|| match std::env::var(CRASH_AT_ENV) {
+        Ok(v) if v == "list" => Hook::List,
+        Ok(v) => v.parse().map(Hook::At).unwrap_or(Hook::Off),
+        Err(_) => Hook::Off,
+    });
+    if matches!(hook, Hook::Off) {
+        return;
+    }
+    let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
+    match hook {
+        Hook::List => eprintln!("crash-point {n}: {step} {}", path.display()),
+        Hook::At(at) if *at == n => {
+            eprintln!("crash-point {n}: {step} {}: killed", path.display());
+            // SAFETY: kill(2) on our own pid; nothing runs after it.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        _ => {}
+    }
+}
+
 /// Creates `dir` (and parents) if needed and makes it 0700; refuses a world-writable one.
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| {
@@ -54,12 +91,20 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
             .with_context(|| format!("creating {}", tmp.display()))?;
         // The mode given to open() is filtered by the umask; set it exactly.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(data)
+        crash_point("created", &tmp);
+        let (head, tail) = data.split_at(data.len() / 2);
+        f.write_all(head)
             .with_context(|| format!("writing {}", tmp.display()))?;
+        crash_point("half-written", &tmp);
+        f.write_all(tail)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        crash_point("written", &tmp);
         f.sync_all()
             .with_context(|| format!("fsync of {}", tmp.display()))?;
+        crash_point("synced", &tmp);
         fs::rename(&tmp, path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        crash_point("renamed", path);
         File::open(dir)
             .and_then(|d| d.sync_all())
             .with_context(|| format!("fsync of directory {}", dir.display()))?;
@@ -69,6 +114,91 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// The marker of a group write whose files are all staged and are being renamed into place.
+const GROUP_MARKER: &str = ".group-commit";
+
+/// Replaces several files of `dir` as one (a key and its certificate, a CA and what trusts
+/// it): after a crash, [`recover_group`] leaves either all the old or all the new files.
+/// Each file is first written whole (atomically) as `NAME.new`; then a marker naming them is
+/// written; then they are renamed into place and the marker is removed.
+pub fn write_group(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<()> {
+    for (name, data, mode) in files {
+        write_atomic(&dir.join(format!("{name}.new")), data, *mode)?;
+    }
+    let names: Vec<&str> = files.iter().map(|f| f.0).collect();
+    let marker = dir.join(GROUP_MARKER);
+    write_atomic(&marker, names.join("\n").as_bytes(), 0o600)?;
+    commit_group(dir, &names)?;
+    Ok(())
+}
+
+fn commit_group(dir: &Path, names: &[&str]) -> Result<()> {
+    for name in names {
+        let (new, path) = (dir.join(format!("{name}.new")), dir.join(name));
+        if new.exists() {
+            fs::rename(&new, &path)
+                .with_context(|| format!("renaming {} to {}", new.display(), path.display()))?;
+            crash_point("group-renamed", &path);
+        }
+    }
+    sync_dir(dir)?;
+    let marker = dir.join(GROUP_MARKER);
+    fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
+    crash_point("group-committed", &marker);
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsync of directory {}", dir.display()))
+}
+
+/// Finishes or undoes a [`write_group`] that a crash interrupted, and removes the temporary
+/// files of interrupted [`write_atomic`]s (of processes no longer running). With the marker,
+/// every file was staged whole: the rest are renamed into place. Without it, the staged files
+/// are removed and the old ones stay. Returns a line per action, for the log.
+pub fn recover_group(dir: &Path) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let marker = dir.join(GROUP_MARKER);
+    if let Ok(text) = fs::read_to_string(&marker) {
+        let names: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        commit_group(dir, &names)?;
+        done.push(format!(
+            "completed an interrupted update of {} in {}",
+            names.join(", "),
+            dir.display()
+        ));
+    }
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale_tmp = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp.")
+                .and_then(|(_, pid)| pid.parse::<u32>().ok())
+                .is_some_and(|pid| {
+                    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+                });
+        let staged = name.ends_with(".new");
+        if stale_tmp || staged {
+            fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+            if staged {
+                done.push(format!(
+                    "dropped {} of an update that was interrupted before it was complete",
+                    entry.path().display()
+                ));
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// Moves a corrupt state file aside (to `NAME.corrupt-UNIXTIME`) so it can be inspected, and
@@ -120,6 +250,41 @@ mod tests {
             fs::metadata(&d).unwrap().permissions().mode() & 0o777,
             0o700
         );
+    }
+
+    #[test]
+    fn a_group_is_all_old_or_all_new_after_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_group(d, &[("a", b"a1", 0o600), ("b", b"b1", 0o644)]).unwrap();
+        assert_eq!(fs::read(d.join("a")).unwrap(), b"a1");
+        assert!(recover_group(d).unwrap().is_empty());
+        // Staged but not committed (no marker): rolled back.
+        fs::write(d.join("a.new"), b"a2").unwrap();
+        let done = recover_group(d).unwrap();
+        assert!(
+            done[0].contains("interrupted before it was complete"),
+            "{done:?}"
+        );
+        assert_eq!(fs::read(d.join("a")).unwrap(), b"a1");
+        assert!(!d.join("a.new").exists());
+        // Committed halfway (marker, a renamed, b still staged): rolled forward.
+        fs::write(d.join("a"), b"a2").unwrap();
+        fs::write(d.join("b.new"), b"b2").unwrap();
+        fs::write(d.join(GROUP_MARKER), b"a\nb").unwrap();
+        let done = recover_group(d).unwrap();
+        assert!(done[0].contains("completed"), "{done:?}");
+        assert_eq!(fs::read(d.join("b")).unwrap(), b"b2");
+        assert!(!d.join(GROUP_MARKER).exists());
+        // A dead writer's temp file goes; names are left as they are.
+        fs::write(d.join(".a.tmp.999999999"), b"x").unwrap();
+        recover_group(d).unwrap();
+        let mut names: Vec<_> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "b"]);
     }
 
     #[test]

@@ -261,6 +261,14 @@ fn not_after_of(der: &[u8]) -> Result<SystemTime> {
     Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(ts.max(0) as u64))
 }
 
+/// Whether the certificate `der` is for the key `key` (same SubjectPublicKeyInfo).
+fn cert_matches_key(der: &[u8], key: &KeyPair) -> Result<bool> {
+    use rcgen::PublicKeyData;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow::anyhow!("unreadable certificate: {e}"))?;
+    Ok(cert.public_key().raw == key.subject_public_key_info().as_slice())
+}
+
 fn not_before_of(der: &[u8]) -> Result<SystemTime> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| anyhow::anyhow!("unreadable certificate: {e}"))?;
@@ -461,6 +469,10 @@ impl<'c> Pki<'c> {
             .with_context(|| format!("opening {}", paths.lock().display()))?;
         let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", paths.lock().display()))?;
+        // Under the lock: finish or undo what a crash (power cut) interrupted.
+        for line in state::recover_group(&paths.dir)? {
+            tracing::warn!(event = "state-recovered", "{line}");
+        }
         Ok(Pki {
             paths,
             settings,
@@ -511,6 +523,13 @@ impl<'c> Pki<'c> {
                 let serial = describe_server(&der)
                     .with_context(|| format!("reading {}", cp.display()))?
                     .0;
+                if !cert_matches_key(&der, &key)? {
+                    bail!(
+                        "{} is not the certificate of the key {}; restore the pair from a backup (lucidgate will not make a new CA over an existing key)",
+                        cp.display(),
+                        kp.display()
+                    );
+                }
                 Ok(Some(Ca {
                     key,
                     pem,
@@ -561,12 +580,13 @@ impl<'c> Pki<'c> {
     }
 
     fn write_ca(&self, ca: &Ca) -> Result<()> {
-        state::write_atomic(
-            &self.paths.ca_key(),
-            ca.key.serialize_pem().as_bytes(),
-            0o600,
-        )?;
-        state::write_atomic(&self.paths.ca_crt(), ca.pem.as_bytes(), 0o644)
+        state::write_group(
+            &self.paths.dir,
+            &[
+                ("ca.key", ca.key.serialize_pem().as_bytes(), 0o600),
+                ("ca.crt", ca.pem.as_bytes(), 0o644),
+            ],
+        )
     }
 
     fn ca_or_create(&self) -> Result<Ca> {
@@ -600,12 +620,33 @@ impl<'c> Pki<'c> {
         }
     }
 
-    fn save_ledger(&self, ledger: &Ledger) -> Result<()> {
+    fn ledger_text(ledger: &Ledger) -> Result<String> {
         let mut text = String::from(
             "# lucidgate: client certificates issued by this device's CA. Written by lucidgate.\n",
         );
         text.push_str(&toml::to_string(ledger).context("serialising the ledger")?);
-        state::write_atomic(&self.paths.ledger(), text.as_bytes(), 0o600)
+        Ok(text)
+    }
+
+    fn save_ledger(&self, ledger: &Ledger) -> Result<()> {
+        state::write_atomic(
+            &self.paths.ledger(),
+            Self::ledger_text(ledger)?.as_bytes(),
+            0o600,
+        )
+    }
+
+    /// Signs a new CRL from `ledger` and saves both as one (a revocation is in both or in
+    /// neither, whatever a crash interrupts).
+    fn save_ledger_and_crl(&self, ca: &Ca, ledger: &mut Ledger) -> Result<()> {
+        let crl = self.crl_pem(ca, ledger)?;
+        state::write_group(
+            &self.paths.dir,
+            &[
+                ("crl.pem", crl.as_bytes(), 0o644),
+                ("issued.toml", Self::ledger_text(ledger)?.as_bytes(), 0o600),
+            ],
+        )
     }
 
     fn previous_ca(
@@ -663,13 +704,13 @@ impl<'c> Pki<'c> {
         params.key_identifier_method = KeyIdMethod::Sha256;
         let key = new_key()?;
         let cert = params.signed_by(&key, &ca.issuer()?)?;
-        state::write_atomic(
-            &self.paths.server_key(),
-            key.serialize_pem().as_bytes(),
-            0o600,
-        )?;
-        state::write_atomic(&self.paths.server_crt(), cert.pem().as_bytes(), 0o644)?;
-        Ok(())
+        state::write_group(
+            &self.paths.dir,
+            &[
+                ("server.key", key.serialize_pem().as_bytes(), 0o600),
+                ("server.crt", cert.pem().as_bytes(), 0o644),
+            ],
+        )
     }
 
     /// When the server certificate read from `der` should be renewed.
@@ -680,7 +721,7 @@ impl<'c> Pki<'c> {
         Ok(nb + life.mul_f64(self.settings.renew_fraction.clamp(0.05, 0.95)))
     }
 
-    fn write_crl(&self, ca: &Ca, ledger: &mut Ledger) -> Result<()> {
+    fn crl_pem(&self, ca: &Ca, ledger: &mut Ledger) -> Result<String> {
         let now = self.plausible_now("signing the revocation list")?;
         ledger.crl_number += 1;
         let revoked = ledger
@@ -711,7 +752,7 @@ impl<'c> Pki<'c> {
             key_identifier_method: KeyIdMethod::Sha256,
         };
         let crl = params.signed_by(&ca.issuer()?)?;
-        state::write_atomic(&self.paths.crl(), crl.pem()?.as_bytes(), 0o644)
+        Ok(crl.pem()?)
     }
 
     /// Brings the PKI up to date (CA exists, server certificate valid and covering the current
@@ -763,8 +804,7 @@ impl<'c> Pki<'c> {
             Err(_) => true,
         };
         if crl_stale {
-            self.write_crl(&ca, &mut ledger)?;
-            self.save_ledger(&ledger)?;
+            self.save_ledger_and_crl(&ca, &mut ledger)?;
         }
         let (_, server_der) = read_cert_pem(&self.paths.server_crt())?;
         let key_pem = read_private_key(&self.paths.server_key())?;
@@ -961,10 +1001,10 @@ impl<'c> Pki<'c> {
                 "no issued client certificate is named or numbered {who:?}; `lucidgate cert list` shows them"
             );
         }
-        if let Some(ca) = self.load_ca()? {
-            self.write_crl(&ca, &mut ledger)?;
+        match self.load_ca()? {
+            Some(ca) => self.save_ledger_and_crl(&ca, &mut ledger)?,
+            None => self.save_ledger(&ledger)?,
         }
-        self.save_ledger(&ledger)?;
         Ok(hit)
     }
 
@@ -978,21 +1018,27 @@ impl<'c> Pki<'c> {
             .load_ca()?
             .context("there is no CA to rotate yet (it is made on first start)")?;
         let new = self.create_ca()?;
-        state::write_atomic(&self.paths.prev_crt(), old.pem.as_bytes(), 0o644)?;
         let meta = PreviousCa {
             trusted_until: clock::unix(now + overlap),
         };
-        state::write_atomic(
-            &self.paths.prev_meta(),
-            toml::to_string(&meta)?.as_bytes(),
-            0o644,
+        // One group: a crash leaves the old CA alone or the new one with the old trusted.
+        state::write_group(
+            &self.paths.dir,
+            &[
+                ("ca-previous.crt", old.pem.as_bytes(), 0o644),
+                (
+                    "ca-previous.toml",
+                    toml::to_string(&meta)?.as_bytes(),
+                    0o644,
+                ),
+                ("ca.key", new.key.serialize_pem().as_bytes(), 0o600),
+                ("ca.crt", new.pem.as_bytes(), 0o644),
+            ],
         )?;
-        self.write_ca(&new)?;
         let names = server_names(&self.settings);
         self.issue_server(&new, &names)?;
         let mut ledger = self.load_ledger()?;
-        self.write_crl(&new, &mut ledger)?;
-        self.save_ledger(&ledger)?;
+        self.save_ledger_and_crl(&new, &mut ledger)?;
         tracing::info!(
             event = "ca-rotated",
             "rotated the CA; the previous one is trusted until {}",

@@ -645,10 +645,20 @@ pub fn static_device(link: &Path, serial: &str) -> String {
 /// A TLS client configuration from a directory made by [`issue_client`] (rustls, as a real
 /// peer: the server's certificate is verified against the directory's `ca.crt`).
 pub fn tls_client_config(dir: &Path, name: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    tls_client_config_trusting(dir, name, &dir.join("ca.crt"))
+}
+
+/// Like [`tls_client_config`], verifying the server against the CA bundle `ca` instead (a
+/// client that got the new CA after a rotation).
+pub fn tls_client_config_trusting(
+    dir: &Path,
+    name: &str,
+    ca: &Path,
+) -> std::sync::Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(dir.join("ca.crt")).unwrap() {
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
     let chain: Vec<_> = CertificateDer::pem_file_iter(dir.join(format!("{name}.crt")))
