@@ -313,14 +313,7 @@ fn hostile_clients_are_bounded_and_other_modules_keep_their_round_trip() {
         }
         total
     });
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut garbage = vec![0u8; GARBAGE_BYTES];
-    for b in garbage.iter_mut() {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        *b = (rng >> 24) as u8;
-    }
+    let garbage = XorShift(0x2545_F491_4F6C_DD1D).bytes(GARBAGE_BYTES);
     let up = |d: &Daemon| d.module(AO4).unwrap()["bytes_up"].as_u64().unwrap();
     let up0 = up(&d);
     let t = Instant::now();

@@ -278,14 +278,11 @@ fn a_kill_at_any_state_write_step_leaves_state_that_loads_and_is_consistent() {
     let t = Instant::now();
     assert!(d.cli(&["cert", "rotate-ca"]).status.success());
     let took = t.elapsed();
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let mut landed = 0;
     const RANDOM_KILLS: usize = 20;
     for i in 0..RANDOM_KILLS {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let after = took.mul_f64((rng % 1000) as f64 / 1000.0 * 1.2);
+        let after = took.mul_f64((rng.next_u64() % 1000) as f64 / 1000.0 * 1.2);
         let mut d = bench.prepare(Some(&base_state));
         let mut child = Command::new(bin())
             .arg("-c")

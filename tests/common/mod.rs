@@ -695,3 +695,20 @@ pub fn tls_connect(
     }
     Ok(s)
 }
+
+/// A small deterministic pseudo-random generator (xorshift64) for test inputs: the same seed
+/// gives the same bytes, so a failure can be replayed.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| (self.next_u64() >> 24) as u8).collect()
+    }
+}
