@@ -1,7 +1,7 @@
 //! Power cuts: every state write (port registry, PKI, ledger) is killed at every step
 //! (`LUCIDGATE_DANGEROUS_CRASH_AT=N`: SIGKILL at the N-th step of a state write: file created,
 //! half written, written, synced, renamed, and each step of a group commit), for the daemon's
-//! first start and for `cert issue-client`, `cert revoke` and `cert rotate-ca`; then at random
+//! first start and for `provision STICK`, `cert issue-client`, `cert revoke` and `cert rotate-ca`; then at random
 //! moments. After each kill the state must load and be consistent: the daemon starts, keeps
 //! the module's port, serves a freshly issued client over mutual TLS, earlier clients are
 //! accepted or refused as the ledger says, and no staged or temporary file is left.
@@ -19,6 +19,7 @@ use common::*;
 
 const CRASH_AT: &str = "LUCIDGATE_DANGEROUS_CRASH_AT";
 const BASE: u16 = 19000;
+const TOKEN: &str = "cut-the-power-7";
 
 /// The module every daemon here serves (an emulator that outlives the daemons).
 struct Bench {
@@ -189,7 +190,7 @@ fn check_consistent(d: &mut Daemon, port: Option<u16>, old: &[(&str, &Path)], wh
 
 #[test]
 fn a_kill_at_any_state_write_step_leaves_state_that_loads_and_is_consistent() {
-    let bench = Bench::new();
+    let mut bench = Bench::new();
     let mut tried = 0usize;
     let t0 = Instant::now();
 
@@ -219,9 +220,30 @@ fn a_kill_at_any_state_write_step_leaves_state_that_loads_and_is_consistent() {
     assert!(base.stop().success());
     let base_state = base.dir.path().join("state");
     let old = [("alice", alice.as_path()), ("bob", bob.as_path())];
+    // Provisioning on: the token's hash in every config from here on, and a stick (a FAT
+    // image) asking for one client certificate.
+    let set = base.cli(&["provision", "set-token", "--token", TOKEN]);
+    assert!(set.status.success(), "{set:?}");
+    let cfg = std::fs::read_to_string(&base.config).unwrap();
+    let hash = cfg
+        .lines()
+        .find(|l| l.starts_with("token_hash"))
+        .expect("set-token wrote the hash");
+    bench.extra.push_str(&format!("[provision]\n{hash}\n"));
+    let sticks = tempfile::tempdir().unwrap();
+    let stick = fat_image(sticks.path(), "stick.img", 1024);
+    put(
+        &stick,
+        "lucidgate/request.toml",
+        format!(
+            "id = \"cut\"\ntoken = \"{TOKEN}\"\n[[client]]\nname = \"dave\"\nmodules = [\"*\"]\n"
+        )
+        .as_bytes(),
+    );
 
     // 2. CLI operations on that state, each killed at every step.
-    let ops: [(&str, Vec<String>); 3] = [
+    let ops: [(&str, Vec<String>); 4] = [
+        ("provision", vec!["provision".into(), "STICK".into()]),
         (
             "issue-client",
             vec![
@@ -240,6 +262,12 @@ fn a_kill_at_any_state_write_step_leaves_state_that_loads_and_is_consistent() {
             let mut a = args.clone();
             if a.last().map(String::as_str) == Some("--out") {
                 a.push(d.dir.path().join("carol").display().to_string());
+            }
+            if a.last().map(String::as_str) == Some("STICK") {
+                // A fresh copy of the stick for every run.
+                let img = d.dir.path().join("stick.img");
+                std::fs::copy(&stick, &img).unwrap();
+                *a.last_mut().unwrap() = img.display().to_string();
             }
             a
         };

@@ -712,3 +712,78 @@ impl XorShift {
         (0..n).map(|_| (self.next_u64() >> 24) as u8).collect()
     }
 }
+
+// FAT images for the provisioning tests (mkfs.vfat, mtools, fsck.fat).
+
+/// An empty FAT image of `kib` KiB with label KEYS.
+pub fn fat_image(dir: &Path, name: &str, kib: u32) -> PathBuf {
+    require_tool("mkfs.vfat");
+    let img = dir.join(name);
+    let _ = std::fs::remove_file(&img);
+    let out = Command::new("mkfs.vfat")
+        .args(["-C", "-n", "KEYS"])
+        .arg(&img)
+        .arg(kib.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mkfs.vfat: {out:?}");
+    img
+}
+
+/// Copies `data` to `path` on the image (parent directories made with mmd).
+pub fn put(img: &Path, path: &str, data: &[u8]) {
+    require_tool("mcopy");
+    let mut dir = String::new();
+    let parts: Vec<&str> = path.split('/').collect();
+    for p in &parts[..parts.len() - 1] {
+        dir.push('/');
+        dir.push_str(p);
+        let _ = Command::new("mmd")
+            .arg("-i")
+            .arg(img)
+            .arg(format!("::{dir}"))
+            .output();
+    }
+    let src = img.with_extension(format!("src-{}", path.replace('/', "_")));
+    std::fs::write(&src, data).unwrap();
+    let out = Command::new("mcopy")
+        .args(["-o", "-i"])
+        .arg(img)
+        .arg(&src)
+        .arg(format!("::/{path}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mcopy: {out:?}");
+}
+
+/// Reads `path` from the image, if it is there.
+pub fn get(img: &Path, path: &str) -> Option<Vec<u8>> {
+    let out = Command::new("mcopy")
+        .arg("-i")
+        .arg(img)
+        .arg(format!("::/{path}"))
+        .arg("-")
+        .output()
+        .unwrap();
+    out.status.success().then_some(out.stdout)
+}
+
+pub fn get_text(img: &Path, path: &str) -> String {
+    String::from_utf8(get(img, path).unwrap_or_else(|| panic!("{path} is not on the stick")))
+        .unwrap()
+}
+
+/// `fsck.fat -n`: the filesystem lucidgate left is clean.
+pub fn fsck(img: &Path) {
+    let out = Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fsck.fat found damage:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
