@@ -47,7 +47,11 @@ impl Bench {
 
     /// A daemon directory (config written, not started) whose state is a copy of `state`.
     fn prepare(&self, state: Option<&Path>) -> Daemon {
-        let d = Daemon::prepare(tempfile::tempdir().unwrap(), BASE, &self.extra);
+        self.prepare_at(BASE, state)
+    }
+
+    fn prepare_at(&self, base: u16, state: Option<&Path>) -> Daemon {
+        let d = Daemon::prepare(tempfile::tempdir().unwrap(), base, &self.extra);
         if let Some(s) = state {
             copy_dir(s, &d.dir.path().join("state"));
         }
@@ -343,7 +347,8 @@ fn a_kill_at_any_state_write_step_leaves_state_that_loads_and_is_consistent() {
 #[test]
 fn corrupt_state_is_moved_aside_or_refused_never_silently_replaced() {
     let bench = Bench::new();
-    let mut d = bench.prepare(None);
+    // Ports of its own: the other test here runs at the same time.
+    let mut d = bench.prepare_at(BASE - 2000, None);
     d.restart(None);
     let port = d.wait_serving(AO4);
     assert!(d.stop().success());
@@ -367,7 +372,7 @@ fn corrupt_state_is_moved_aside_or_refused_never_silently_replaced() {
     // A CA key that does not belong to the CA certificate: refused, named, never replaced.
     let pki = state.join("pki");
     let other = tempfile::tempdir().unwrap();
-    let o = Daemon::prepare(other, BASE + 500, &bench.extra);
+    let o = Daemon::prepare(other, BASE - 1500, &bench.extra);
     issue_client(&o, "x", &["--all"]);
     let key = std::fs::read(pki.join("ca.key")).unwrap();
     std::fs::copy(o.dir.path().join("state/pki/ca.key"), pki.join("ca.key")).unwrap();
