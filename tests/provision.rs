@@ -570,11 +570,14 @@ fn a_stick_plugged_into_the_running_daemon_is_provisioned() {
         request("udev-1", TOKEN, TWO_CLIENTS).as_bytes(),
     );
     let (syspath, backing) = bed.add_stick(0, &img, "vfat");
-    let result = wait_until("the daemon to write result.toml", || {
-        get(&backing, "lucidgate/result.toml")
-            .map(|r| String::from_utf8_lossy(&r).to_string())
-            .filter(|r| !r.contains("in progress"))
+    // The run is over when it is logged (result.toml is final a moment before the stick is
+    // unmounted cleanly; fsck in between would see the dirty flag).
+    wait_until("the daemon to finish the stick", || {
+        d.log().contains("request_id=\"udev-1\"").then_some(())
     });
+    let result = get(&backing, "lucidgate/result.toml")
+        .map(|r| String::from_utf8_lossy(&r).to_string())
+        .expect("result.toml");
     assert!(
         result.contains("status = \"done\""),
         "{result}\n{}",

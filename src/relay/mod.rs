@@ -469,8 +469,11 @@ impl Relay {
     /// after a client whose requests were all answered.
     async fn settle(&mut self, who: &str, unanswered: u64) -> std::io::Result<()> {
         let limit = module::SETTLE_MAX;
-        let (dropped, quiet) =
-            module::settle(&mut self.serial, module::SETTLE_QUIET, limit).await?;
+        // A stop does not wait for a chatty module: the port is closed anyway.
+        let (dropped, quiet) = tokio::select! {
+            r = module::settle(&mut self.serial, module::SETTLE_QUIET, limit) => r?,
+            _ = self.cancel.cancelled() => return Ok(()),
+        };
         if quiet {
             info!(
                 event = "answers-dropped",
