@@ -462,11 +462,11 @@ impl Relay {
         }
     }
 
-    /// A client left with `unanswered` requests (e.g. one that never read): the answers still
-    /// coming are dropped until the module is quiet, so the next client's first answer is its
-    /// own. (The requests still queued are left to the module: flushing them would cut a frame
-    /// and the module would read the next client's request as the rest of it.) Costs nothing
-    /// after a client whose requests were all answered.
+    /// A client of a LucidControl module left with `unanswered` requests (e.g. one that never
+    /// read): the answers still coming are dropped until the module is quiet, so the next
+    /// client's first answer is its own. (The requests still queued are left to the module:
+    /// flushing them would cut a frame and the module would read the next client's request as
+    /// the rest of it.) Costs nothing after a client whose requests were all answered.
     async fn settle(&mut self, who: &str, unanswered: u64) -> std::io::Result<()> {
         let limit = module::SETTLE_MAX;
         // A stop does not wait for a chatty module: the port is closed anyway.
@@ -598,7 +598,10 @@ impl Relay {
             .load(Ordering::Relaxed)
             .saturating_sub(requests_before)
             .saturating_sub(self.stats.metrics.answers().saturating_sub(answers_before));
+        // Only for modules lucidgate speaks the protocol with: a tty with `identify = false`
+        // is any serial device, a byte pipe whose bytes are not requests and answers.
         if client_left
+            && self.spec.identify
             && unanswered > 0
             && let Err(e) = self.settle(&who, unanswered).await
         {
