@@ -381,7 +381,7 @@ fn units_pass_systemd_analyze_verify_and_score_2_or_better() {
     assert!(score <= 2.0, "exposure {score} > 2.0: {line}");
 
     // The udev rule parses (udevadm verify is not in systemd 252; check it is loadable syntax).
-    let rules = std::fs::read_to_string(repo().join("systemd/udev/60-lucidgate.rules")).unwrap();
+    let rules = std::fs::read_to_string(repo().join("systemd/udev/70-lucidgate.rules")).unwrap();
     assert!(
         rules
             .lines()

@@ -35,17 +35,19 @@ do_install:append() {
     install -d ${D}${sysconfdir}/modules-load.d
     install -m 0644 ${S}/systemd/modules-load.d/lucidgate.conf ${D}${sysconfdir}/modules-load.d/
     install -d ${D}${nonarch_base_libdir}/udev/rules.d
-    install -m 0644 ${S}/systemd/udev/60-lucidgate.rules ${D}${nonarch_base_libdir}/udev/rules.d/
+    install -m 0644 ${S}/systemd/udev/70-lucidgate.rules ${D}${nonarch_base_libdir}/udev/rules.d/
 }
 
 CONFFILES:${PN} = "${sysconfdir}/lucidgate/lucidgate.toml"
 FILES:${PN} += "${systemd_system_unitdir}/lucidgate.service \
                 ${systemd_system_unitdir}/lucidgate-attach@.service \
                 ${sysconfdir}/modules-load.d/lucidgate.conf \
-                ${nonarch_base_libdir}/udev/rules.d/60-lucidgate.rules \
+                ${nonarch_base_libdir}/udev/rules.d/70-lucidgate.rules \
                 "
-# The unit runs as a systemd DynamicUser (group dialout for the ttys); members of the static
-# group "lucidgate" may use its control socket.
+# The unit runs as the static system user "lucidgate" (User= in the unit, not DynamicUser=,
+# whose implied group would clash with the static group); members of group "lucidgate" may use
+# its control socket; dialout (given by the unit) the ttys.
 USERADD_PACKAGES = "${PN}"
 GROUPADD_PARAM:${PN} = "--system lucidgate"
-RRECOMMENDS:${PN} += "kernel-module-cdc-acm"
+USERADD_PARAM:${PN} = "--system --gid lucidgate --home-dir /var/lib/lucidgate --no-create-home --shell /sbin/nologin lucidgate"
+RRECOMMENDS:${PN} += "kernel-module-cdc-acm kernel-module-sd-mod"
