@@ -140,6 +140,9 @@ pub struct Supervisor {
     /// mDNS announcements (None when `discovery.mdns` is off or mDNS could not start).
     announcer: Option<crate::discovery::Announcer>,
     sticks: Sticks,
+    /// Set when only a restart by systemd can serve a module (its driver came after the
+    /// service's device allow-list): the daemon then ends with an error.
+    restart_for: Option<String>,
 }
 
 /// USB sticks seen for provisioning (by syspath, until removed) and the runs' outcomes.
@@ -203,6 +206,7 @@ impl Supervisor {
             raw: BTreeMap::new(),
             source,
             announcer: None,
+            restart_for: None,
         }
     }
 
@@ -532,6 +536,16 @@ impl Supervisor {
                     self.relays.insert(serial, running);
                 }
                 Err(e) => {
+                    let late_driver = e
+                        .downcast_ref::<crate::device::access::OpenError>()
+                        .is_some_and(|o| o.restart_fixes_it);
+                    if late_driver && crate::device::access::under_systemd() {
+                        error!(module_serial = %serial, devnode = %info.devnode.display(), event = "restart-for-device-policy",
+                            "cannot serve module {serial}: {e:#}");
+                        self.restart_for = Some(format!("{e:#}"));
+                        self.cancel.cancel();
+                        return;
+                    }
                     error!(module_serial = %serial, devnode = %info.devnode.display(), event = "relay-failed",
                         "cannot serve module {serial}: {e:#}; retrying in {retry:?}");
                     self.failures.insert(
@@ -857,7 +871,12 @@ impl Supervisor {
         for (_, r) in std::mem::take(&mut self.relays) {
             r.handle.stop(stop_timeout).await;
         }
-        Ok(())
+        match self.restart_for.take() {
+            Some(why) => anyhow::bail!(
+                "exiting so that systemd restarts lucidgate with a device allow-list that includes the new driver: {why}"
+            ),
+            None => Ok(()),
+        }
     }
 }
 
@@ -892,6 +911,7 @@ pub async fn serve(
     let cancel = CancellationToken::new();
     let (reload_tx, reload_rx) = mpsc::channel(1);
     spawn_signal_handler(cancel.clone(), reload_tx)?;
+    crate::device::access::record_start();
     let config = Arc::new(config);
     state::ensure_private_dir(&config.state_dir)?;
     let (registry, warnings) = Registry::load(&config.state_dir)?;

@@ -4,6 +4,7 @@
 //! udev's types are `!Send`; they never leave the watch thread. Everything downstream works on
 //! plain data, which is also what makes the matching testable without udev.
 
+pub mod access;
 pub mod matcher;
 pub mod watch;
 

@@ -119,11 +119,8 @@ pub enum NotProvisioning {
         "{path} is mounted at {at}; unmount it first (lucidgate reads and writes the stick itself)"
     )]
     Mounted { path: String, at: String },
-    #[error("cannot open {path}: {source}")]
-    Open {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Open(#[from] crate::device::access::OpenError),
 }
 
 /// Where `path` (a block device) is mounted, if it is: lucidgate must not write a filesystem the
@@ -165,18 +162,12 @@ pub fn run_path(path: &Path, dev: &Device) -> Result<Outcome, NotProvisioning> {
             match open(false) {
                 Ok(f) => (f, false),
                 Err(_) => {
-                    return Err(NotProvisioning::Open {
-                        path: path.display().to_string(),
-                        source: e,
-                    });
+                    return Err(crate::device::access::explain("cannot open", path, e).into());
                 }
             }
         }
         Err(e) => {
-            return Err(NotProvisioning::Open {
-                path: path.display().to_string(),
-                source: e,
-            });
+            return Err(crate::device::access::explain("cannot open", path, e).into());
         }
     };
     let writable = writable && !is_read_only_block_device(&file);

@@ -12,6 +12,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -49,11 +50,17 @@ impl Tty {
             .stop_bits(tokio_serial::StopBits::One)
             .flow_control(tokio_serial::FlowControl::None)
             .open_native()
-            .with_context(|| {
-                format!(
-                    "opening serial port {} (is another program using it? does lucidgate's user have access, e.g. group dialout?)",
-                    devnode.display()
-                )
+            .map_err(|e| {
+                // serialport keeps only a description; the OS error of a plain open tells the
+                // cause (policy, permissions, busy) apart.
+                let os = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+                    .open(devnode)
+                    .err()
+                    .unwrap_or_else(|| io::Error::other(e.to_string()));
+                crate::device::access::explain("opening serial port", devnode, os)
             })?;
         // SAFETY: into_raw_fd hands over the descriptor (TIOCEXCL and the flock stay with it
         // until it is closed).
