@@ -190,6 +190,9 @@ pub fn parse_request(line: &[u8]) -> Result<Command, String> {
 pub async fn ask(path: &Path, command: &Command) -> Result<serde_json::Value> {
     let stream = match UnixStream::connect(path).await {
         Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            anyhow::bail!("{}", permission_hint(path, &e))
+        }
         Err(e) => anyhow::bail!(
             "lucidgate is not running (cannot connect to its control socket {}: {e}); start it with `lucidgate serve` or `systemctl start lucidgate`, or pass --config/--socket if it uses another socket",
             path.display()
@@ -214,6 +217,29 @@ pub async fn ask(path: &Path, command: &Command) -> Result<serde_json::Value> {
         anyhow::bail!("the daemon refused the request: {err}");
     }
     Ok(value)
+}
+
+/// What to tell a user the socket (or its directory) refuses: it is there, the daemon may well
+/// run, and the group that owns it is the way in.
+fn permission_hint(path: &Path, e: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt;
+    // The socket itself, or else the first directory above it that we can see.
+    let owner_gid = path
+        .ancestors()
+        .find_map(|p| std::fs::metadata(p).ok().map(|m| m.gid()));
+    let group = owner_gid
+        .and_then(|gid| nix::unistd::Group::from_gid(gid.into()).ok().flatten())
+        .map(|g| g.name)
+        .unwrap_or_else(|| "lucidgate".into());
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| "USER".into());
+    format!(
+        "permission denied on the control socket {} ({e}): it is open to root and members of group {group}; add yourself with `sudo adduser {user} {group}` and log in again, or use sudo",
+        path.display()
+    )
 }
 
 #[cfg(test)]

@@ -2,10 +2,16 @@
 //!
 //! Every state file lucidgate owns goes through [`write_atomic`], so a power cut leaves either the
 //! old or the new content, never a torn file.
+//!
+//! Ownership: what lucidgate creates takes the owner of the directory it is created in when it
+//! runs as root ([`adopt_dir_owner`]). The state directory belongs to the service's user; an
+//! administrator's `sudo lucidgate cert ...` must not leave root-owned files there that lock
+//! the service out at its next start (`Permission denied`). Files it writes elsewhere (a
+//! `--out` directory of root's, `/etc/lucidgate`) stay root's for the same reason.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -47,14 +53,66 @@ fn crash_point(step: &str, path: &Path) {
     }
 }
 
-/// Creates `dir` (and parents) if needed and makes it 0700; refuses a world-writable one.
-pub fn ensure_private_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| {
+/// Gives `file` (just created in `dir`) the owner and group of `dir` when this process runs as
+/// root and `dir` is not root's. Without root this is not needed (nor possible): files get the
+/// process's own ids.
+pub fn adopt_dir_owner(file: &File, dir: &Path) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let meta = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if (meta.uid(), meta.gid()) == (0, 0) {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(file, Some(meta.uid()), Some(meta.gid())).with_context(|| {
         format!(
+            "handing a new file in {} to its owner (uid {}, gid {})",
+            dir.display(),
+            meta.uid(),
+            meta.gid()
+        )
+    })
+}
+
+/// Opens (creating if needed) a file that only needs to exist, such as a lock file, with the
+/// directory's owner as for every state file.
+pub fn open_or_create(path: &Path, mode: u32) -> Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    adopt_dir_owner(&f, parent_of(path))?;
+    Ok(f)
+}
+
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Creates `dir` (and parents) if needed and makes it 0700; refuses a world-writable one.
+/// Each directory created takes the owner of the one it is created in ([`adopt_dir_owner`]).
+pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+    let creating = |e: std::io::Error| {
+        anyhow::Error::new(e).context(format!(
             "creating state directory {} (run as root, under systemd's StateDirectory=, or set state_dir in the config)",
             dir.display()
-        )
-    })?;
+        ))
+    };
+    // The missing directories, outermost first.
+    let mut missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    missing.retain(|d| !d.as_os_str().is_empty());
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => adopt_dir_owner(&File::open(d).map_err(creating)?, parent_of(d))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(creating(e)),
+        }
+    }
     let meta = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
     if !meta.is_dir() {
         anyhow::bail!("{} exists but is not a directory", dir.display());
@@ -69,10 +127,7 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
 /// Replaces `path` with `data` atomically: a crash leaves the old or the new file, whole.
 /// The file gets `mode` (e.g. 0o600 for keys, 0o644 for public data).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = parent_of(path);
     let name = path
         .file_name()
         .with_context(|| format!("{} has no file name", path.display()))?;
@@ -91,6 +146,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
             .with_context(|| format!("creating {}", tmp.display()))?;
         // The mode given to open() is filtered by the umask; set it exactly.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
+        adopt_dir_owner(&f, dir)?;
         crash_point("created", &tmp);
         let (head, tail) = data.split_at(data.len() / 2);
         f.write_all(head)

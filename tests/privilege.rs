@@ -58,6 +58,9 @@ fn another_local_user_cannot_use_the_control_socket_or_read_keys() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "nobody got a status: {out:?}");
     assert!(err.contains("ermission denied"), "{err}");
+    // The cause, not "lucidgate is not running": the socket's group is the way in.
+    assert!(!err.contains("not running"), "{err}");
+    assert!(err.contains("members of group root"), "{err}");
     let out = as_nobody(&["cat", pki.join("ca.key").to_str().unwrap()]);
     assert!(!out.status.success() && out.stdout.is_empty());
     // The owner (root here, the unit's user on a device) is served.
@@ -75,4 +78,96 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// An administrator runs the CLI as root (`sudo lucidgate cert issue-client ...`, the README's
+/// instruction) while the state directory belongs to the service's user: every state file the
+/// CLI creates or replaces takes that owner, or the service cannot read its own PKI at its next
+/// start ("reading .../issued.toml: Permission denied"). Files for the operator (`--out`) stay
+/// root's.
+#[test]
+fn state_written_by_root_belongs_to_the_state_directory_owner() {
+    require_tool("setpriv");
+    assert!(nix::unistd::geteuid().is_root(), "this test runs as root");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    // The service's user: nobody here.
+    let (uid, gid) = (65534, 65534);
+    std::os::unix::fs::chown(&state, Some(uid), Some(gid)).unwrap();
+    let config = dir.path().join("lucidgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\ncontrol_socket = \"{}\"\n",
+            state.display(),
+            dir.path().join("control.sock").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = dir.path().join("laptop");
+    let cli = |args: &[&str]| {
+        let o = Command::new(bin())
+            .arg("-c")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {o:?}");
+    };
+    cli(&[
+        "cert",
+        "issue-client",
+        "laptop",
+        "--all",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    cli(&[
+        "cert",
+        "issue-client",
+        "tablet",
+        "--all",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    cli(&["cert", "revoke", "tablet"]);
+    cli(&["cert", "rotate-ca", "--overlap", "1d"]);
+    use std::os::unix::fs::MetadataExt;
+    let files = walk(&state);
+    assert!(files.len() > 8, "{files:?}");
+    for f in &files {
+        let m = std::fs::symlink_metadata(f).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (uid, gid),
+            "{} was left to {}:{}",
+            f.display(),
+            m.uid(),
+            m.gid()
+        );
+    }
+    for f in walk(&out) {
+        assert_eq!(std::fs::metadata(&f).unwrap().uid(), 0, "{}", f.display());
+    }
+    // The service's user reads all of it.
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(bin())
+        .arg("-c")
+        .arg(&config)
+        .args(["cert", "list"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "as the service's user: {o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("laptop"));
 }

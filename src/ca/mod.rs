@@ -461,12 +461,7 @@ impl<'c> Pki<'c> {
         let paths = Paths::new(state_dir);
         state::ensure_private_dir(state_dir)?;
         state::ensure_private_dir(&paths.dir)?;
-        let lock_file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(paths.lock())
-            .with_context(|| format!("opening {}", paths.lock().display()))?;
+        let lock_file = state::open_or_create(&paths.lock(), 0o600)?;
         let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", paths.lock().display()))?;
         // Under the lock: finish or undo what a crash (power cut) interrupted.
