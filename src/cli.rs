@@ -133,6 +133,12 @@ pub enum Cmd {
         /// Never answer (a hung module).
         #[arg(long)]
         silent: bool,
+        /// Swallow the first N requests unanswered (a module still starting up).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        ignore_first: u64,
+        /// Send each answer this long after its request (a slow module).
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        answer_delay_ms: u64,
     },
 }
 
@@ -428,7 +434,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             link,
             fd,
             silent,
-        } => emulate(&class, serial, link, fd, silent),
+            ignore_first,
+            answer_delay_ms,
+        } => {
+            let mut module = module_for(&class, serial)?;
+            module.silent = silent;
+            module.ignore_first = ignore_first;
+            module.answer_delay = std::time::Duration::from_millis(answer_delay_ms);
+            emulate(&class, module, link, fd)
+        }
         Cmd::Cert { action } => {
             let (cfg, _) = load_config(&cli.config)?;
             cert(&cfg, action)
@@ -733,15 +747,7 @@ fn module_for(class: &str, serial: Option<String>) -> Result<Module> {
     Ok(module)
 }
 
-fn emulate(
-    class: &str,
-    serial: Option<String>,
-    link: Option<PathBuf>,
-    fd: Option<i32>,
-    silent: bool,
-) -> Result<i32> {
-    let mut module = module_for(class, serial)?;
-    module.silent = silent;
+fn emulate(class: &str, module: Module, link: Option<PathBuf>, fd: Option<i32>) -> Result<i32> {
     let usb_serial = module.identity.usb_serial();
     let shared = emulator::Shared::new(module);
     // Signal handlers first: a SIGTERM that comes as soon as the link exists must still end
@@ -764,7 +770,14 @@ fn emulate(
             }
             // SAFETY: the caller hands us this descriptor (documented in --help) and nothing
             // else in this process uses it.
-            (unsafe { OwnedFd::from_raw_fd(fd) }, None)
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            // A real tty (a USB gadget's /dev/ttyGS0, a serial line) starts cooked: echo and
+            // line editing would mangle the binary protocol. A pipe or socket stays as it is.
+            if nix::unistd::isatty(&owned).unwrap_or(false) {
+                crate::pty::make_raw(&owned)
+                    .with_context(|| format!("--fd {fd}: putting the tty in raw mode"))?;
+            }
+            (owned, None)
         }
         None => {
             let mut pty = Pty::open()?;

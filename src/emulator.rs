@@ -59,6 +59,10 @@ pub struct Module {
     params: BTreeMap<u16, Vec<u8>>,
     /// When true, the module swallows requests and never answers (a hung module).
     pub silent: bool,
+    /// This many first requests are swallowed unanswered (a module still starting up).
+    pub ignore_first: u64,
+    /// Each answer is sent this long after its request (a slow module: flash writes).
+    pub answer_delay: std::time::Duration,
 }
 
 impl Module {
@@ -91,6 +95,8 @@ impl Module {
             values,
             params: BTreeMap::new(),
             silent: false,
+            ignore_first: 0,
+            answer_delay: std::time::Duration::ZERO,
         }
     }
 
@@ -370,17 +376,20 @@ pub fn serve_fd(fd: OwnedFd, shared: Shared) -> Result<()> {
         buf.extend_from_slice(&chunk[..n]);
         while let Ok((req, used)) = Request::parse(&buf) {
             buf.drain(..used);
-            shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let seen = shared.counters.requests.fetch_add(1, Ordering::Relaxed);
             if crate::protocol::is_write(req.opcode) {
                 shared.counters.writes.fetch_add(1, Ordering::Relaxed);
             }
-            let answer = {
+            let (answer, delay) = {
                 let mut module = shared.module.lock().unwrap_or_else(|p| p.into_inner());
-                if module.silent {
+                if module.silent || seen < module.ignore_first {
                     continue;
                 }
-                module.handle(&req)
+                (module.handle(&req), module.answer_delay)
             };
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
             if let Err(e) = file.write_all(&answer.encode()) {
                 if e.raw_os_error() == Some(libc::EIO) {
                     break;

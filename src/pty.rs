@@ -23,10 +23,7 @@ impl Pty {
     /// Opens a new pty pair, both sides raw (no echo, no line discipline translation).
     pub fn open() -> Result<Pty> {
         let pair = openpty(None, None).context("opening a pseudo-terminal pair (openpty)")?;
-        let mut attrs = termios::tcgetattr(pair.slave.as_fd()).context("tcgetattr on pty")?;
-        termios::cfmakeraw(&mut attrs);
-        termios::tcsetattr(pair.slave.as_fd(), SetArg::TCSANOW, &attrs)
-            .context("tcsetattr on pty")?;
+        make_raw(pair.slave.as_fd()).context("the new pty")?;
         let slave_path =
             nix::unistd::ttyname(pair.slave.as_fd()).context("ttyname of pty slave")?;
         Ok(Pty {
@@ -64,6 +61,14 @@ impl Pty {
     pub fn path(&self) -> &Path {
         self.link.as_deref().unwrap_or(&self.slave_path)
     }
+}
+
+/// Puts a terminal in raw mode: no echo, no line editing, no CR/NL translation, 8 bits. A
+/// module's bytes are binary; a cooked tty would echo a request back and eat 0x0D/0x11/0x13.
+pub fn make_raw(tty: impl AsFd) -> Result<()> {
+    let mut attrs = termios::tcgetattr(tty.as_fd()).context("tcgetattr")?;
+    termios::cfmakeraw(&mut attrs);
+    termios::tcsetattr(tty.as_fd(), SetArg::TCSANOW, &attrs).context("tcsetattr")
 }
 
 impl Drop for Pty {

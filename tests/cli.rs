@@ -110,3 +110,51 @@ fn emulate_serves_a_module_on_its_link() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("class"));
 }
+
+/// `emulate --fd` on a real tty that starts cooked (as a USB gadget's /dev/ttyGS0 does): the
+/// emulator puts it in raw mode, or the line discipline would hold the request back until a
+/// newline and echo it to the host.
+#[test]
+fn emulate_fd_puts_a_cooked_tty_in_raw_mode() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let pair = nix::pty::openpty(None, None).unwrap();
+    let attrs = nix::sys::termios::tcgetattr(&pair.slave).unwrap();
+    assert!(
+        attrs
+            .local_flags
+            .contains(nix::sys::termios::LocalFlags::ICANON | nix::sys::termios::LocalFlags::ECHO),
+        "a new pty starts cooked"
+    );
+    let slave = pair.slave.as_raw_fd();
+    let mut cmd = Command::new(bin());
+    cmd.args(["emulate", "--class", "AO4", "--serial", AO4, "--fd", "3"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(slave, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(pair.slave);
+    let mut host = std::fs::File::from(pair.master);
+    host.write_all(&GET_ID).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = host.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let _ = tx.send(read_answer(&mut reader));
+    });
+    let answer = rx.recv_timeout(PATIENCE);
+    let _ = child.kill();
+    let _ = child.wait();
+    let answer = answer
+        .expect("no answer: the request is stuck in a cooked line discipline")
+        .unwrap();
+    assert_eq!(answer, get_id_answer(AO4), "echoed or translated bytes");
+}

@@ -271,3 +271,76 @@ fn modules_are_identified_and_problems_reported_but_still_served() {
     assert!(log.contains("event=\"identity-mismatch\""), "{log}");
     assert!(log.contains("event=\"identity-failed\""), "{log}");
 }
+
+/// A module that does not answer GetId when its relay starts (still starting up) is asked
+/// again while no client uses it, under the raw and the shared policy alike: status moves from
+/// `failed` to `ok` without a replug.
+#[test]
+fn a_module_silent_at_plug_is_identified_by_a_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l1, l2) = (dir.path().join("lio0"), dir.path().join("lio1"));
+    let shared = "11001001FA480001";
+    let _late = Emulator::start_with(&l1, "AO4", AO4, &["--ignore-first", "1"]);
+    let _late_shared = Emulator::start_with(&l2, "AO4", shared, &["--ignore-first", "1"]);
+    let extra = format!(
+        "{}{}[modules.\"{shared}\"]\npolicy = \"shared\"\n[limits]\nanswer_timeout_ms = 300\n",
+        static_device(&l1, AO4),
+        static_device(&l2, shared),
+    );
+    let d = Daemon::start(39000, &extra, None);
+    for serial in [AO4, shared] {
+        let m = wait_until(&format!("{serial}: first GetId failed"), || {
+            d.module(serial).filter(|m| m["identity_state"] == "failed")
+        });
+        assert!(
+            m["identity_error"].as_str().unwrap().contains("no answer"),
+            "{m}"
+        );
+    }
+    for serial in [AO4, shared] {
+        let m = wait_until(&format!("{serial}: identified by a retry"), || {
+            d.module(serial).filter(|m| m["identity_state"] == "ok")
+        });
+        assert_eq!(m["identity"]["serial"], serial, "{m}");
+        // The retry is lucidgate's own: not a client request.
+        assert_eq!(m["metrics"]["requests"], 0, "{m}");
+    }
+    assert!(d.log().contains("at GetId try 2"), "{}", d.log());
+    // And the retries left nothing behind for a client.
+    let mut c = connect(d.wait_serving(AO4));
+    assert_eq!(ask(&mut c, &GET_ID), get_id_answer(AO4));
+    let mut c = connect(d.wait_serving(shared));
+    assert_eq!(ask(&mut c, &GET_ID), get_id_answer(shared));
+}
+
+/// A client that leaves before its (slow) answer comes: the answer is dropped when it comes,
+/// however late within the answer timeout, and the next client's first answer is its own.
+/// (Found by hand on a real module: a settle that only waited for 100 ms of quiet let an
+/// answer that took longer reach the next client as the answer to its request.)
+#[test]
+fn a_departed_clients_slow_answer_never_reaches_the_next_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("lio0");
+    let _slow = Emulator::start_with(&link, "AO4", AO4, &["--answer-delay-ms", "400"]);
+    let d = Daemon::start(39500, &static_device(&link, AO4), None);
+    let port = d.wait_serving(AO4);
+    wait_until("identified", || {
+        d.module(AO4).filter(|m| m["identity_state"] == "ok")
+    });
+    for round in 0..3 {
+        let mut gone = connect(port);
+        gone.write_all(&GET_IO_UV).unwrap();
+        drop(gone);
+        // The relay sees the close (exclusive policy: a client still connected would hold the
+        // module); the answer is still on its way.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut next = connect(port);
+        next.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(
+            ask(&mut next, &GET_ID),
+            get_id_answer(AO4),
+            "round {round}: the next client got the departed client's answer"
+        );
+    }
+    assert!(d.log().contains("event=\"answers-dropped\""), "{}", d.log());
+}

@@ -83,6 +83,45 @@ impl IdentityState {
     }
 }
 
+/// The GetId request.
+pub const GET_ID: [u8; 4] = [opcode::GET_ID, 0, 0, 0];
+
+/// A module that did not identify itself (still starting up, busy, briefly confused) is asked
+/// again while no client uses it: first after this long, then twice as long each time...
+pub const RETRY_FIRST: Duration = Duration::from_secs(2);
+/// ...up to this long between tries, for as long as the relay runs.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// When to ask a module that has not identified itself again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub at: tokio::time::Instant,
+    wait: Duration,
+    /// Tries so far, the first at relay start included.
+    pub tries: u32,
+}
+
+impl Retry {
+    /// After the first try failed.
+    pub fn first() -> Retry {
+        Retry {
+            at: tokio::time::Instant::now() + RETRY_FIRST,
+            wait: RETRY_FIRST,
+            tries: 1,
+        }
+    }
+
+    /// After one more try failed.
+    pub fn next(self) -> Retry {
+        let wait = (self.wait * 2).min(RETRY_MAX);
+        Retry {
+            at: tokio::time::Instant::now() + wait,
+            wait,
+            tries: self.tries + 1,
+        }
+    }
+}
+
 /// Asks the module on `dev` for its identity, waiting up to `timeout`. `Err` only when the
 /// port itself fails (the module is gone); a silent or confused module is `Ok(Failed)`.
 pub async fn identify<D>(
@@ -95,10 +134,16 @@ pub async fn identify<D>(
 where
     D: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let raw = match exchange(dev, &[opcode::GET_ID, 0, 0, 0], timeout, stop, unplugged).await? {
+    let got = exchange(dev, &GET_ID, timeout, stop, unplugged).await?;
+    Ok(judge(got, usb_serial, timeout))
+}
+
+/// What the outcome of a GetId exchange says about the module.
+pub fn judge(got: Exchanged, usb_serial: &str, timeout: Duration) -> IdentityState {
+    let raw = match got {
         Exchanged::Answer(raw) => raw,
         Exchanged::Timeout { partial } => {
-            return Ok(IdentityState::Failed(format!(
+            return IdentityState::Failed(format!(
                 "no answer to GetId within {} ms{}",
                 timeout.as_millis(),
                 if partial == 0 {
@@ -106,30 +151,30 @@ where
                 } else {
                     format!(" ({partial} bytes of an incomplete answer)")
                 }
-            )));
+            ));
         }
     };
     let Ok((answer, _)) = Answer::parse(&raw) else {
-        return Ok(IdentityState::Failed("GetId answer is incomplete".into()));
+        return IdentityState::Failed("GetId answer is incomplete".into());
     };
     if answer.status != status::OK {
-        return Ok(IdentityState::Failed(format!(
+        return IdentityState::Failed(format!(
             "GetId answered with status 0x{:02X}",
             answer.status
-        )));
+        ));
     }
     let Some(id) = Identity::decode(&answer.data) else {
-        return Ok(IdentityState::Failed(format!(
+        return IdentityState::Failed(format!(
             "GetId answered with {} data bytes (expected 16)",
             answer.data.len()
-        )));
+        ));
     };
     let ident = ModuleIdentity::from(&id);
     // A module without a USB serial is named after its USB path: nothing to compare.
     if usb_serial.starts_with("path-") || ident.serial.eq_ignore_ascii_case(usb_serial) {
-        Ok(IdentityState::Confirmed(ident))
+        IdentityState::Confirmed(ident)
     } else {
-        Ok(IdentityState::Mismatch(ident))
+        IdentityState::Mismatch(ident)
     }
 }
 

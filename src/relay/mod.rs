@@ -29,6 +29,7 @@ use crate::config::{ClientPolicy, Limits, TransportKind};
 use crate::discovery::{Announcement, Announcer};
 use crate::transport::{Accepted, Transport};
 use listen::{AcceptConfig, Incoming};
+use metrics::{Scan, Side};
 use pump::{SessionEnd, Traffic};
 use tty::Tty;
 
@@ -193,6 +194,7 @@ pub fn start(
         announcer: announcer.clone(),
         port,
         unplugged: unplugged.clone(),
+        identity_retry: None,
     };
     let serial_name = spec.serial.clone();
     let join = tracker.spawn(
@@ -236,6 +238,8 @@ struct Relay {
     announcer: Option<Announcer>,
     port: u16,
     unplugged: CancellationToken,
+    /// When to ask GetId again, while the module has not identified itself.
+    identity_retry: Option<identify::Retry>,
 }
 
 fn describe(c: &Accepted) -> String {
@@ -253,30 +257,11 @@ impl Relay {
         reason
     }
 
-    /// The module's class: what GetId said, else what its USB serial says, else `module`.
-    fn class(&self) -> String {
-        let id = self
-            .stats
-            .identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = id.identity() {
-            return i.class.clone();
-        }
-        let s = &self.spec.serial;
-        s.get(..4)
-            .filter(|_| s.len() == 16)
-            .and_then(|c| u16::from_str_radix(c, 16).ok())
-            .and_then(crate::protocol::class_name)
-            .unwrap_or("module")
-            .to_string()
-    }
-
-    /// Asks the module who it is, before any client is served (clients queue meanwhile). A stop
-    /// meanwhile still reads an answer on its way (see [`module::STOP_GRACE`]).
+    /// Asks the module who it is: before any client is served (clients queue meanwhile), and
+    /// again while no client uses it as long as it has not answered. A stop meanwhile still
+    /// reads an answer on its way (see [`module::STOP_GRACE`]).
     async fn identify(&mut self) -> Result<(), ExitReason> {
-        use identify::IdentityState;
-        let state = match identify::identify(
+        let state = identify::identify(
             &mut self.serial,
             &self.spec.serial,
             self.spec.answer_timeout,
@@ -284,39 +269,10 @@ impl Relay {
             &self.unplugged,
         )
         .await
-        {
-            Ok(s) => s,
-            Err(e) => return Err(ExitReason::DeviceGone(e.to_string())),
-        };
-        match &state {
-            IdentityState::Confirmed(i) => info!(
-                module_class = %i.class,
-                module_type = format!("0x{:04X}", i.type_id),
-                firmware = i.firmware,
-                hardware = i.hardware,
-                event = "identified",
-                "module is a LucidControl {} (type 0x{:04X}, firmware 0x{:04X}, hardware {})",
-                i.class, i.type_id, i.firmware, i.hardware
-            ),
-            IdentityState::Mismatch(i) => warn!(
-                module_class = %i.class,
-                id_serial = %i.serial,
-                event = "identity-mismatch",
-                "GetId reports serial {} but the device says {}: check the [[device]] entry or the module; served anyway",
-                i.serial, self.spec.serial
-            ),
-            IdentityState::Failed(why) => warn!(
-                event = "identity-failed",
-                "could not identify the module on {}: {why}; served anyway (is it a LucidControl module?)",
-                self.spec.devnode.display()
-            ),
-            IdentityState::Pending => {}
+        .map_err(|e| ExitReason::DeviceGone(e.to_string()))?;
+        if record_identity(&self.stats, &self.spec, &mut self.identity_retry, state) {
+            announce(&self.announcer, &self.spec, self.port, &self.stats);
         }
-        *self
-            .stats
-            .identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = state;
         Ok(())
     }
 
@@ -329,15 +285,7 @@ impl Relay {
         if self.cancel.is_cancelled() {
             return ExitReason::Stopped;
         }
-        if let Some(a) = &self.announcer {
-            a.announce(&Announcement {
-                serial: self.spec.serial.clone(),
-                port: self.port,
-                class: self.class(),
-                transport: self.spec.transport.to_string(),
-                policy: self.spec.policy.to_string(),
-            });
-        }
+        announce(&self.announcer, &self.spec, self.port, &self.stats);
         if self.spec.policy == ClientPolicy::Shared {
             return self.serve_shared().await;
         }
@@ -345,10 +293,17 @@ impl Relay {
         let mut next: Option<Incoming> = None;
         loop {
             // Idle: wait for a client, keep reading the port so a hang-up is noticed now.
+            let retry_at = self.identity_retry.map(|r| r.at);
             let incoming = match next.take() {
                 Some(i) => i,
                 None => tokio::select! {
                     _ = self.cancel.cancelled() => return ExitReason::Stopped,
+                    _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                        if let Err(reason) = self.identify().await {
+                            return reason;
+                        }
+                        continue;
+                    }
                     i = self.incoming.recv() => match i {
                         Some(i) => i,
                         None => return ExitReason::Stopped,
@@ -387,7 +342,13 @@ impl Relay {
             &self.stats.metrics,
         );
         tokio::pin!(module);
+        // A GetId retry goes through the same queue as the clients' requests.
+        let mut asked: Option<tokio::sync::oneshot::Receiver<module::Exchanged>> = None;
         loop {
+            let retry_at = self
+                .identity_retry
+                .filter(|_| asked.is_none())
+                .map(|r| r.at);
             let incoming = tokio::select! {
                 r = &mut module => return match r {
                     Ok(()) => ExitReason::Stopped,
@@ -397,6 +358,26 @@ impl Relay {
                     Some(i) => i,
                     None => return ExitReason::Stopped,
                 },
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    let ask = shared::Ask { frame: identify::GET_ID.to_vec(), reply, internal: true };
+                    match ask_tx.try_send(ask) {
+                        Ok(()) => asked = Some(answer),
+                        // Busy with clients: they are what matters; try later.
+                        Err(_) => self.identity_retry = self.identity_retry.map(identify::Retry::next),
+                    }
+                    continue;
+                }
+                got = async { asked.as_mut().expect("guarded").await }, if asked.is_some() => {
+                    asked = None;
+                    if let Ok(got) = got {
+                        let state = identify::judge(got, &self.spec.serial, self.spec.answer_timeout);
+                        if record_identity(&self.stats, &self.spec, &mut self.identity_retry, state) {
+                            announce(&self.announcer, &self.spec, self.port, &self.stats);
+                        }
+                    }
+                    continue;
+                }
             };
             let Incoming {
                 client: accepted,
@@ -463,15 +444,15 @@ impl Relay {
     }
 
     /// A client of a LucidControl module left with `unanswered` requests (e.g. one that never
-    /// read): the answers still coming are dropped until the module is quiet, so the next
-    /// client's first answer is its own. (The requests still queued are left to the module:
+    /// read, or one that left before a slow answer came): those answers are dropped as they
+    /// come (see [`module::settle`]), so the next client's first answer is its own. (The requests still queued are left to the module:
     /// flushing them would cut a frame and the module would read the next client's request as
     /// the rest of it.) Costs nothing after a client whose requests were all answered.
-    async fn settle(&mut self, who: &str, unanswered: u64) -> std::io::Result<()> {
+    async fn settle(&mut self, who: &str, unanswered: u64, scan: &mut Scan) -> std::io::Result<()> {
         let limit = module::SETTLE_MAX;
         // A stop does not wait for a chatty module: the port is closed anyway.
         let (dropped, quiet) = tokio::select! {
-            r = module::settle(&mut self.serial, module::SETTLE_QUIET, limit) => r?,
+            r = module::settle(&mut self.serial, scan, unanswered, self.spec.answer_timeout, limit) => r?,
             _ = self.cancel.cancelled() => return Ok(()),
         };
         if quiet {
@@ -503,6 +484,8 @@ impl Relay {
         *self.stats.client_list() = vec![who.clone()];
 
         let mut outcome: Option<Result<Incoming, ExitReason>> = None;
+        // Frame boundaries of what the module sends, from this session into the settling after.
+        let mut answers = Scan::new(Side::Answers);
         let (requests_before, answers_before) = (
             self.stats.metrics.requests.load(Ordering::Relaxed),
             self.stats.metrics.answers(),
@@ -514,6 +497,7 @@ impl Relay {
             let serial = &mut self.serial;
             let read_only = accepted.read_only;
             let who = who.as_str();
+            let answers = &mut answers;
             // Read-only clients are served frame by frame so their writes can be refused;
             // everyone else gets the raw byte pump.
             let pump = async move {
@@ -538,6 +522,7 @@ impl Relay {
                         spec.idle_timeout,
                         &stats.traffic,
                         &stats.metrics,
+                        answers,
                     )
                     .await
                 }
@@ -603,7 +588,7 @@ impl Relay {
         if client_left
             && self.spec.identify
             && unanswered > 0
-            && let Err(e) = self.settle(&who, unanswered).await
+            && let Err(e) = self.settle(&who, unanswered, &mut answers).await
         {
             return Some(Err(ExitReason::DeviceGone(e.to_string())));
         }
@@ -631,6 +616,83 @@ impl Relay {
             Some(SessionEnd::DeviceGone(e)) => Some(Err(ExitReason::DeviceGone(e.to_string()))),
             None => outcome,
         }
+    }
+}
+
+/// Stores what GetId said, logs it and schedules the next try while the module has not
+/// identified itself. Returns whether the module is now identified after earlier tries failed
+/// (its announcement then carries the class GetId gave).
+fn record_identity(
+    stats: &RelayStats,
+    spec: &RelaySpec,
+    retry: &mut Option<identify::Retry>,
+    state: identify::IdentityState,
+) -> bool {
+    use identify::IdentityState;
+    let tries = retry.map_or(1, |r| r.tries + 1);
+    let again = tries > 1;
+    match &state {
+        IdentityState::Confirmed(i) => info!(
+            module_class = %i.class,
+            module_type = format!("0x{:04X}", i.type_id),
+            firmware = i.firmware,
+            hardware = i.hardware,
+            event = "identified",
+            "module is a LucidControl {} (type 0x{:04X}, firmware 0x{:04X}, hardware {}){}",
+            i.class, i.type_id, i.firmware, i.hardware,
+            if again { format!(", at GetId try {tries}") } else { String::new() }
+        ),
+        IdentityState::Mismatch(i) => warn!(
+            module_class = %i.class,
+            id_serial = %i.serial,
+            event = "identity-mismatch",
+            "GetId reports serial {} but the device says {}: check the [[device]] entry or the module; served anyway",
+            i.serial, spec.serial
+        ),
+        IdentityState::Failed(why) if !again => warn!(
+            event = "identity-failed",
+            "could not identify the module on {}: {why}; served anyway, asking again in {:?} while no client uses it (is it a LucidControl module? if not, set identify = false)",
+            spec.devnode.display(),
+            identify::RETRY_FIRST
+        ),
+        IdentityState::Failed(why) => tracing::debug!("GetId try {tries} failed: {why}"),
+        IdentityState::Pending => {}
+    }
+    let failed = matches!(state, IdentityState::Failed(_));
+    *retry = match (*retry, failed) {
+        (_, false) => None,
+        (None, true) => Some(identify::Retry::first()),
+        (Some(r), true) => Some(r.next()),
+    };
+    *stats.identity.lock().unwrap_or_else(|p| p.into_inner()) = state;
+    again && !failed
+}
+
+/// The module's class: what GetId said, else what its USB serial says, else `module`.
+fn class_of(spec: &RelaySpec, stats: &RelayStats) -> String {
+    let id = stats.identity.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = id.identity() {
+        return i.class.clone();
+    }
+    let s = &spec.serial;
+    s.get(..4)
+        .filter(|_| s.len() == 16)
+        .and_then(|c| u16::from_str_radix(c, 16).ok())
+        .and_then(crate::protocol::class_name)
+        .unwrap_or("module")
+        .to_string()
+}
+
+/// Announces (or announces again) the module by mDNS.
+fn announce(announcer: &Option<Announcer>, spec: &RelaySpec, port: u16, stats: &RelayStats) {
+    if let Some(a) = announcer {
+        a.announce(&Announcement {
+            serial: spec.serial.clone(),
+            port,
+            class: class_of(spec, stats),
+            transport: spec.transport.to_string(),
+            policy: spec.policy.to_string(),
+        });
     }
 }
 

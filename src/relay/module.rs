@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::Scan;
 use crate::protocol::{Answer, MAX_ANSWER_LEN};
 
 /// When the relay is stopped during an exchange, how much longer the answer is waited for.
@@ -52,42 +53,49 @@ pub fn discard_pending<D: AsyncRead + Unpin + ?Sized>(dev: &mut D) -> io::Result
     }
 }
 
-/// How long a module must stay silent before the answers owed to a departed client count as
-/// all delivered (a module answers within milliseconds; see [`settle`]).
-pub const SETTLE_QUIET: Duration = Duration::from_millis(100);
 /// The most time a relay spends dropping answers owed to a departed client (one that wrote
 /// thousands of requests and never read takes a while to be answered).
 pub const SETTLE_MAX: Duration = Duration::from_secs(5);
 
-/// Drops what the module still sends for a client that left with requests unanswered: reads
-/// and discards until the module has been silent for `quiet`, for at most `limit`. Returns the
-/// bytes dropped and whether the module fell silent; `Err` when the port failed or hung up.
+/// Drops what the module still sends for a client that left with `owed` requests unanswered:
+/// reads and discards until that many answer frames have come (`scan` goes on from where the
+/// client's session left the module's byte stream, so an answer cut in half counts once), or
+/// until the module has said nothing for `answer_timeout` (it answers within that or not at
+/// all), for at most `limit`. A slow answer (a flash write) is waited for, not left to the
+/// next client. Returns the bytes dropped and whether the owed answers came or the module fell
+/// silent (false: `limit` ended it); `Err` when the port failed or hung up.
 pub async fn settle<D: AsyncRead + Unpin + ?Sized>(
     dev: &mut D,
-    quiet: Duration,
+    scan: &mut Scan,
+    owed: u64,
+    answer_timeout: Duration,
     limit: Duration,
 ) -> io::Result<(usize, bool)> {
     let mut chunk = [0u8; 4096];
-    let mut dropped = 0;
+    let (mut dropped, mut answers) = (0, 0u64);
     let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let wait = quiet.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+    while answers < owed {
+        let wait =
+            answer_timeout.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         if wait.is_zero() {
             return Ok((dropped, false));
         }
         match tokio::time::timeout(wait, dev.read(&mut chunk)).await {
-            Err(_) if tokio::time::Instant::now() < deadline => return Ok((dropped, true)),
-            Err(_) => return Ok((dropped, false)),
+            Err(_) => return Ok((dropped, tokio::time::Instant::now() < deadline)),
             Ok(Ok(0)) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "device hung up",
                 ));
             }
-            Ok(Ok(n)) => dropped += n,
+            Ok(Ok(n)) => {
+                dropped += n;
+                scan.feed(&chunk[..n], |_| answers += 1);
+            }
             Ok(Err(e)) => return Err(e),
         }
     }
+    Ok((dropped, true))
 }
 
 /// Sends `request` (one whole frame) and waits up to `timeout` for one answer frame: up to
@@ -150,20 +158,40 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn settle_drops_answers_until_the_module_is_quiet_and_is_bounded() {
+    async fn settle_drops_the_owed_answers_waits_for_slow_ones_and_is_bounded() {
+        use super::super::metrics::Side;
+        let t = Duration::from_secs(1);
         let (mut far, mut near) = tokio::io::duplex(256);
+        // Five answers owed, the third one slow (a flash write), the first cut in half by the
+        // end of the client's session (its first byte went to the client).
         let module = async {
-            for _ in 0..5 {
+            far.write_all(&[0x04, 1, 2, 3, 4]).await.unwrap();
+            far.write_all(&[0x00, 0x00]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            for _ in 0..3 {
                 far.write_all(&[0x00, 0x00]).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             far
         };
+        let mut scan = Scan::new(Side::Answers);
+        scan.feed(&[0x00], |_| unreachable!("half a header"));
+        let start = tokio::time::Instant::now();
         let (got, mut far) = tokio::join!(
-            settle(&mut near, SETTLE_QUIET, Duration::from_secs(1)),
+            settle(&mut near, &mut scan, 5, t, Duration::from_secs(5)),
             module
         );
-        assert_eq!(got.unwrap(), (10, true));
+        assert_eq!(got.unwrap(), (13, true));
+        assert!(
+            start.elapsed() >= Duration::from_millis(600),
+            "the slow answer was waited for"
+        );
+        // An answer the module never sends is waited for one answer timeout.
+        let start = tokio::time::Instant::now();
+        let mut scan = Scan::new(Side::Answers);
+        let got = settle(&mut near, &mut scan, 1, t, Duration::from_secs(5)).await;
+        assert_eq!(got.unwrap(), (0, true));
+        assert_eq!(start.elapsed(), t);
         // A module that never stops talking is given up on after the limit.
         let chatter = async {
             loop {
@@ -173,10 +201,11 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         };
+        let mut scan = Scan::new(Side::Answers);
         tokio::select! {
-            r = settle(&mut near, SETTLE_QUIET, Duration::from_millis(200)) => {
-                let (n, quiet) = r.unwrap();
-                assert!(!quiet && n >= 30, "{n} {quiet}");
+            r = settle(&mut near, &mut scan, 1000, t, Duration::from_millis(200)) => {
+                let (n, done) = r.unwrap();
+                assert!(!done && n >= 30, "{n} {done}");
             }
             _ = chatter => unreachable!("the module side never ends by itself"),
         }

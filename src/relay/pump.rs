@@ -62,6 +62,7 @@ pub async fn pump<C, D>(
     idle_timeout: Option<Duration>,
     traffic: &Traffic,
     metrics: &Metrics,
+    down_scan: &mut Scan,
 ) -> SessionEnd
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -73,7 +74,6 @@ where
     let mut up_buf = vec![0u8; buffer_bytes];
     let mut down_buf = vec![0u8; buffer_bytes];
     let mut up_scan = Scan::new(Side::Requests);
-    let mut down_scan = Scan::new(Side::Answers);
 
     let up = async {
         loop {
@@ -105,6 +105,9 @@ where
                 Ok(n) => n,
                 Err(e) => return SessionEnd::DeviceGone(e),
             };
+            // Counted as soon as read: an answer that reaches a client that just left is
+            // still an answer (not one the relay must wait for afterwards).
+            down_scan.count(&down_buf[..n], metrics);
             if let Err(e) = client_tx.write_all(&down_buf[..n]).await {
                 return SessionEnd::ClientError(e);
             }
@@ -113,7 +116,6 @@ where
                 return SessionEnd::ClientError(e);
             }
             traffic.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
-            down_scan.count(&down_buf[..n], metrics);
         }
     };
     tokio::pin!(up, down);
@@ -173,8 +175,17 @@ mod tests {
         };
         let (end, _device_far) = {
             let metrics = Metrics::default();
+            let mut scan = Scan::new(Side::Answers);
             tokio::join!(
-                pump(&mut client, &mut device, 16, None, &traffic, &metrics),
+                pump(
+                    &mut client,
+                    &mut device,
+                    16,
+                    None,
+                    &traffic,
+                    &metrics,
+                    &mut scan
+                ),
                 task
             )
         };
@@ -203,8 +214,17 @@ mod tests {
         };
         let (end, _d) = {
             let metrics = Metrics::default();
+            let mut scan = Scan::new(Side::Answers);
             tokio::join!(
-                pump(&mut client, &mut device, 16, None, &traffic, &metrics),
+                pump(
+                    &mut client,
+                    &mut device,
+                    16,
+                    None,
+                    &traffic,
+                    &metrics,
+                    &mut scan
+                ),
                 task
             )
         };
@@ -224,6 +244,7 @@ mod tests {
             None,
             &Traffic::default(),
             &Metrics::default(),
+            &mut Scan::new(Side::Answers),
         )
         .await;
         assert!(matches!(end, SessionEnd::DeviceGone(_)), "{end:?}");
@@ -241,6 +262,7 @@ mod tests {
             Some(t),
             &Traffic::default(),
             &Metrics::default(),
+            &mut Scan::new(Side::Answers),
         )
         .await;
         assert!(

@@ -29,6 +29,8 @@ const CLIENT_READ_CHUNK: usize = 512;
 pub struct Ask {
     pub frame: Vec<u8>,
     pub reply: oneshot::Sender<Exchanged>,
+    /// Asked by lucidgate itself (a GetId retry), not by a client: not counted as a request.
+    pub internal: bool,
 }
 
 /// Who a client is and what it may do.
@@ -109,7 +111,12 @@ where
     } else {
         let len = frame.len() as u64;
         let (reply, answer) = oneshot::channel();
-        if asks.send(Ask { frame, reply }).await.is_err() {
+        let ask = Ask {
+            frame,
+            reply,
+            internal: false,
+        };
+        if asks.send(ask).await.is_err() {
             return Err(SessionEnd::RelayGone);
         }
         ctx.traffic.bytes_up.fetch_add(len, Relaxed);
@@ -169,8 +176,14 @@ where
                 Err(e) => return Err(e),
             },
         };
-        metrics.requests.fetch_add(1, Relaxed);
+        if !ask.internal {
+            metrics.requests.fetch_add(1, Relaxed);
+        }
         let got = exchange(dev, &ask.frame, timeout, stop, unplugged).await?;
+        if ask.internal {
+            let _ = ask.reply.send(got);
+            continue;
+        }
         match &got {
             Exchanged::Answer(a) => metrics.answer(a[0]),
             Exchanged::Timeout { partial } => {
