@@ -142,7 +142,26 @@ fn emulate_fd_puts_a_cooked_tty_in_raw_mode() {
         });
     }
     let mut child = cmd.spawn().unwrap();
+    // Bytes written before the emulator has set the mode would be echoed by the cooked line
+    // discipline: wait until the tty is raw (it never is if `--fd` leaves it cooked).
+    let cooked = nix::sys::termios::LocalFlags::ICANON | nix::sys::termios::LocalFlags::ECHO;
+    let start = std::time::Instant::now();
+    let raw = loop {
+        let a = nix::sys::termios::tcgetattr(&pair.slave).unwrap();
+        if !a.local_flags.intersects(cooked) {
+            break true;
+        }
+        if start.elapsed() > PATIENCE {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     drop(pair.slave);
+    if !raw {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("emulate --fd left the tty cooked (ICANON or ECHO still set)");
+    }
     let mut host = std::fs::File::from(pair.master);
     host.write_all(&GET_ID).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
