@@ -90,12 +90,21 @@ where
                 Ok(n) => n,
                 Err(e) => return SessionEnd::ClientError(e),
             };
-            // No flush: on a tty it is tcdrain, which would block until the bytes left the wire.
-            if let Err(e) = device_tx.write_all(&up_buf[..n]).await {
-                return SessionEnd::DeviceGone(e);
+            // Written and counted piece by piece: when the session ends while this waits for
+            // the module (the other direction failed), every request byte the module got is
+            // counted, so the answers still owed are known exactly. No flush: on a tty it is
+            // tcdrain, which would block until the bytes left the wire.
+            let mut done = 0;
+            while done < n {
+                let w = match device_tx.write(&up_buf[done..n]).await {
+                    Ok(0) => return SessionEnd::DeviceGone(eof("device accepts no more bytes")),
+                    Ok(w) => w,
+                    Err(e) => return SessionEnd::DeviceGone(e),
+                };
+                traffic.bytes_up.fetch_add(w as u64, Ordering::Relaxed);
+                up_scan.count(&up_buf[done..done + w], metrics);
+                done += w;
             }
-            traffic.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
-            up_scan.count(&up_buf[..n], metrics);
         }
     };
     let down = async {
