@@ -11,6 +11,7 @@
 //! silently replaces a CA.
 
 pub mod rights;
+pub mod task;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -644,10 +645,23 @@ impl<'c> Pki<'c> {
         )
     }
 
+    /// The previous CA and the end of its overlap, if it is still trusted at `now`. Only reads:
+    /// the files of an ended overlap stay until [`Pki::refresh`] removes them, so `cert list`
+    /// and other readers never change the state.
     fn previous_ca(
         &self,
         now: SystemTime,
     ) -> Result<Option<(CertificateDer<'static>, SystemTime)>> {
+        match self.previous_ca_until()? {
+            Some(until) if now < until => {
+                Ok(Some((read_cert_pem(&self.paths.prev_crt())?.1, until)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// When the previous CA's overlap ends (None: there is no previous CA).
+    fn previous_ca_until(&self) -> Result<Option<SystemTime>> {
         let (cp, mp) = (self.paths.prev_crt(), self.paths.prev_meta());
         if !cp.exists() {
             return Ok(None);
@@ -656,18 +670,22 @@ impl<'c> Pki<'c> {
             &fs::read_to_string(&mp).with_context(|| format!("reading {}", mp.display()))?,
         )
         .map_err(|e| anyhow::anyhow!("{} is corrupt: {}", mp.display(), e.message()))?;
-        let until = SystemTime::UNIX_EPOCH + Duration::from_secs(meta.trusted_until.max(0) as u64);
-        if now >= until {
-            // The overlap is over: the old CA is no longer trusted.
-            let _ = fs::remove_file(&cp);
-            let _ = fs::remove_file(&mp);
+        Ok(Some(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(meta.trusted_until.max(0) as u64),
+        ))
+    }
+
+    /// Removes the previous CA once its overlap is over (part of [`Pki::refresh`]).
+    fn forget_ended_overlap(&self, now: SystemTime) -> Result<()> {
+        if self.previous_ca_until()?.is_some_and(|until| now >= until) {
+            let _ = fs::remove_file(self.paths.prev_crt());
+            let _ = fs::remove_file(self.paths.prev_meta());
             tracing::info!(
                 event = "ca-overlap-ended",
                 "the previous CA is no longer trusted (overlap ended)"
             );
-            return Ok(None);
         }
-        Ok(Some((read_cert_pem(&cp)?.1, until)))
+        Ok(())
     }
 
     fn issue_server(&self, ca: &Ca, names: &BTreeSet<String>) -> Result<()> {
@@ -811,6 +829,7 @@ impl<'c> Pki<'c> {
         })?;
         let mut roots = vec![ca.der.clone()];
         let mut next_check = self.renew_at(&server_der)?;
+        self.forget_ended_overlap(now)?;
         if let Some((prev, until)) = self.previous_ca(now)? {
             roots.push(prev);
             next_check = next_check.min(until);
@@ -1317,5 +1336,57 @@ mod tests {
             .unwrap();
         assert_eq!(m3.roots.len(), 1);
         assert!(!m3.roots.contains(&m1.roots[0]));
+    }
+
+    /// Every file under `dir` with its bytes and modification time.
+    fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, (Vec<u8>, SystemTime)> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                let m = fs::symlink_metadata(&p).unwrap();
+                if m.is_dir() {
+                    todo.push(p.clone());
+                }
+                let bytes = if m.is_file() {
+                    fs::read(&p).unwrap()
+                } else {
+                    Vec::new()
+                };
+                out.insert(p, (bytes, m.modified().unwrap()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn cert_list_reads_only_even_after_the_overlap_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = SystemClock::default();
+        let pki = Pki::open(dir.path(), settings(), &clock).unwrap();
+        pki.refresh().unwrap();
+        let all = Rights {
+            modules: vec!["*".into()],
+            read_only: false,
+        };
+        pki.issue_client("laptop", &all, 30).unwrap();
+        pki.rotate_ca(Duration::from_secs(86400)).unwrap();
+        pki.refresh().unwrap();
+        assert!(pki.list().unwrap().contains("CA (previous)"));
+        drop(pki);
+        // Two days on, the overlap has ended: listing must not clean up (or touch) anything.
+        let later = SystemClock::with_offset(2 * 86400);
+        let before = snapshot(dir.path());
+        let pki = Pki::open(dir.path(), settings(), &later).unwrap();
+        let listed = pki.list().unwrap();
+        assert!(!listed.contains("CA (previous)"), "{listed}");
+        assert!(listed.contains("laptop"), "{listed}");
+        assert_eq!(snapshot(dir.path()), before, "cert list changed the state");
+        assert!(pki.paths().prev_crt().exists());
+        // The daemon's refresh is what forgets the old CA.
+        pki.refresh().unwrap();
+        assert!(!pki.paths().prev_crt().exists());
+        assert!(!pki.paths().prev_meta().exists());
     }
 }
