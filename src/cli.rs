@@ -300,7 +300,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 Some(p) => (p.clone(), true),
                 None => (PathBuf::from(config::DEFAULT_CONFIG_PATH), false),
             };
-            let mut source = daemon::ConfigSource {
+            let mut source = crate::supervisor::ConfigSource {
                 path: Some(path.clone()),
                 required,
                 extra_devices: Vec::new(),

@@ -8,7 +8,25 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::daemon::Lifecycle;
+/// Hooks the daemon calls at points of its life (systemd notify plugs in here).
+pub trait Lifecycle: Send {
+    /// Config loaded, state usable, udev subscribed, present modules' listeners bound.
+    fn ready(&mut self, _status: &str) {}
+    /// The served set changed.
+    fn status(&mut self, _status: &str) {}
+    /// A reload started (it ends with `ready`).
+    fn reloading(&mut self) {}
+    /// How often the supervisor loop must call [`Lifecycle::watchdog`], if at all.
+    fn watchdog_interval(&self) -> Option<Duration> {
+        None
+    }
+    fn watchdog(&mut self) {}
+    fn stopping(&mut self) {}
+}
+
+/// A lifecycle that does nothing.
+pub struct NoLifecycle;
+impl Lifecycle for NoLifecycle {}
 
 /// Talks to systemd through `NOTIFY_SOCKET`.
 #[derive(Debug, Default)]

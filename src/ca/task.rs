@@ -1,0 +1,101 @@
+//! The PKI task: keeps the server certificate renewed, follows address changes and CA overlaps,
+//! and re-reads the PKI when `lucidgate cert ...` or provisioning asks for it; publishes the
+//! result to the relays through [`TlsState`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+use crate::ca::{Pki, PkiSettings};
+use crate::clock::SharedClock;
+use crate::tls::TlsState;
+
+/// How often the PKI looks at the device's addresses (a changed address gets a new server cert).
+pub const PKI_ADDRESS_CHECK: Duration = Duration::from_secs(60);
+/// Pause before retrying a PKI refresh that failed (e.g. the clock is not set yet).
+pub const PKI_RETRY: Duration = Duration::from_secs(10);
+/// Shortest pause between PKI refreshes.
+const PKI_MIN_WAIT: Duration = Duration::from_millis(100);
+
+/// Brings the PKI up to date and publishes it to the relays; returns when to look again.
+pub(crate) fn refresh_pki(
+    state_dir: &std::path::Path,
+    settings: &PkiSettings,
+    clock: &SharedClock,
+    tls: &TlsState,
+) -> Result<Duration> {
+    let result =
+        Pki::open(state_dir, settings.clone(), clock.as_ref()).and_then(|pki| pki.refresh());
+    match result {
+        Ok((material, rotated)) => {
+            let before = tls.server_serial();
+            tls.publish(&material)?;
+            if rotated && !before.is_empty() {
+                info!(
+                    event = "cert-rotated",
+                    "server certificate rotated: serial {before} -> {}", material.server_serial
+                );
+            }
+            let wait = material
+                .next_check
+                .duration_since(clock.now())
+                .unwrap_or_default()
+                .clamp(PKI_MIN_WAIT, PKI_ADDRESS_CHECK);
+            Ok(wait)
+        }
+        Err(e) => {
+            tls.set_unavailable(format!("{e:#}"));
+            Err(e)
+        }
+    }
+}
+
+/// The PKI task: renews the server certificate, follows address changes and CA overlaps, and
+/// re-reads the PKI when `lucidgate cert ...` asks for it.
+pub(crate) fn spawn_pki_task(
+    state_dir: PathBuf,
+    settings: watch::Receiver<PkiSettings>,
+    clock: SharedClock,
+    tls: Arc<TlsState>,
+    reload: Arc<Notify>,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    tracker.spawn(async move {
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = reload.notified() => info!(event = "pki-reload", "re-reading the PKI"),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let (d, s, c, t) = (
+                state_dir.clone(),
+                settings.borrow().clone(),
+                clock.clone(),
+                tls.clone(),
+            );
+            let r = tokio::task::spawn_blocking(move || refresh_pki(&d, &s, &c, &t)).await;
+            wait = match r {
+                Ok(Ok(w)) => w,
+                Ok(Err(e)) => {
+                    error!(
+                        event = "pki-error",
+                        "PKI refresh failed: {e:#}; retrying in {PKI_RETRY:?}"
+                    );
+                    PKI_RETRY
+                }
+                Err(e) => {
+                    error!("PKI task failed: {e}");
+                    PKI_RETRY
+                }
+            };
+        }
+    });
+}
