@@ -16,14 +16,12 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::config::DiscoveryConfig;
+use crate::config::check::MAX_LABEL;
 
 /// The DNS-SD service type of a lucidgate relay.
 pub const SERVICE_TYPE: &str = "_lucidgate._tcp.local.";
 /// How long `discover` and `attach SERIAL` listen for answers by default.
 pub const BROWSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Longest host name label DNS allows.
-const MAX_LABEL: usize = 63;
-
 /// What is announced for one module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announcement {
@@ -61,22 +59,6 @@ impl std::fmt::Debug for Announcer {
             .field("host", &self.host)
             .finish()
     }
-}
-
-/// Checks `name` as a host name label (letters, digits, hyphens).
-pub fn check_hostname(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_LABEL {
-        return Err(format!("must be 1 to {MAX_LABEL} characters"));
-    }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        || name.starts_with('-')
-        || name.ends_with('-')
-    {
-        return Err(format!(
-            "{name:?} is not a host name (letters, digits and inner hyphens only; no `.local`)"
-        ));
-    }
-    Ok(())
 }
 
 /// Starts a DNS-SD daemon restricted to `interfaces` (all when empty).
@@ -240,18 +222,4 @@ pub fn browse(timeout: Duration, interfaces: &[String], want: Option<&str>) -> R
         let _ = rx.recv_timeout(Duration::from_millis(500));
     }
     Ok(found.into_values().collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_names_are_checked() {
-        assert!(check_hostname("pi-lab-3").is_ok());
-        assert!(check_hostname("pi.local").is_err());
-        assert!(check_hostname("-pi").is_err());
-        assert!(check_hostname("").is_err());
-        assert!(check_hostname(&"a".repeat(64)).is_err());
-    }
 }

@@ -9,6 +9,9 @@ use anyhow::{Context, Result, bail};
 use ring::pbkdf2;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::config::check::{TOKEN_HASH_LEN, TOKEN_HASH_SCHEME, parse_token_hash};
+use crate::config::locate::set_key;
+
 /// PBKDF2 rounds: slow enough to make guessing a token from a leaked config expensive, quick
 /// enough (about 0.1 s on a Pi 4) for a stick that is plugged in by hand.
 pub const ITERATIONS: u32 = 100_000;
@@ -17,21 +20,9 @@ pub const MAX_TOKEN_LEN: usize = 256;
 /// Shortest token `set-token` accepts.
 pub const MIN_TOKEN_LEN: usize = 12;
 const SALT_LEN: usize = 16;
-const HASH_LEN: usize = 32;
-const SCHEME: &str = "pbkdf2-sha256";
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Hashes `token` with a fresh salt: `pbkdf2-sha256$ROUNDS$SALT$HASH` (hex).
@@ -45,7 +36,7 @@ pub fn hash_with_rounds(token: &str, rounds: u32) -> Result<String> {
     SystemRandom::new()
         .fill(&mut salt)
         .map_err(|_| anyhow::anyhow!("no randomness for the token salt"))?;
-    let mut out = [0u8; HASH_LEN];
+    let mut out = [0u8; TOKEN_HASH_LEN];
     let rounds = NonZeroU32::new(rounds).context("rounds must be 1 or more")?;
     pbkdf2::derive(
         pbkdf2::PBKDF2_HMAC_SHA256,
@@ -54,34 +45,11 @@ pub fn hash_with_rounds(token: &str, rounds: u32) -> Result<String> {
         token.as_bytes(),
         &mut out,
     );
-    Ok(format!("{SCHEME}${rounds}${}${}", hex(&salt), hex(&out)))
-}
-
-/// Checks the form of a stored hash; the message says what is wrong.
-pub fn check_hash(stored: &str) -> Result<(), String> {
-    parse(stored).map(|_| ())
-}
-
-fn parse(stored: &str) -> Result<(NonZeroU32, Vec<u8>, Vec<u8>), String> {
-    let parts: Vec<&str> = stored.split('$').collect();
-    let [scheme, rounds, salt, hash] = parts[..] else {
-        return Err(format!(
-            "expected {SCHEME}$ROUNDS$SALT$HASH (set it with `lucidgate provision set-token`)"
-        ));
-    };
-    if scheme != SCHEME {
-        return Err(format!("unknown scheme {scheme:?}, expected {SCHEME}"));
-    }
-    let rounds = rounds
-        .parse::<u32>()
-        .ok()
-        .and_then(NonZeroU32::new)
-        .ok_or_else(|| format!("rounds {rounds:?} is not a positive number"))?;
-    let salt = unhex(salt).ok_or("the salt is not hex")?;
-    let hash = unhex(hash)
-        .filter(|h| h.len() == HASH_LEN)
-        .ok_or("the hash is not 64 hex digits")?;
-    Ok((rounds, salt, hash))
+    Ok(format!(
+        "{TOKEN_HASH_SCHEME}${rounds}${}${}",
+        hex(&salt),
+        hex(&out)
+    ))
 }
 
 /// Whether `token` matches `stored` (constant time in the comparison).
@@ -89,7 +57,7 @@ pub fn verify(stored: &str, token: &str) -> bool {
     if token.len() > MAX_TOKEN_LEN {
         return false;
     }
-    match parse(stored) {
+    match parse_token_hash(stored) {
         Ok((rounds, salt, hash)) => pbkdf2::verify(
             pbkdf2::PBKDF2_HMAC_SHA256,
             rounds,
@@ -118,42 +86,7 @@ pub fn generate() -> Result<String> {
 /// Returns `text` (a config file) with `[provision] token_hash` set to `value`, editing only that
 /// line (comments and layout stay). The caller checks the result parses.
 pub fn set_in_config(text: &str, value: &str) -> String {
-    let line = format!("token_hash = \"{value}\"");
-    let mut out: Vec<String> = Vec::new();
-    let mut in_provision = false;
-    let mut seen_table = false;
-    let mut done = false;
-    for l in text.lines() {
-        let t = l.trim();
-        if t.starts_with('[') {
-            if in_provision && !done {
-                out.push(line.clone());
-                done = true;
-            }
-            in_provision = t.trim_start_matches('[').trim_end_matches(']').trim() == "provision";
-            seen_table |= in_provision;
-        } else if in_provision && !done && t.split('=').next().map(str::trim) == Some("token_hash")
-        {
-            out.push(line.clone());
-            done = true;
-            continue;
-        }
-        out.push(l.to_string());
-    }
-    if in_provision && !done {
-        out.push(line.clone());
-        done = true;
-    }
-    if !done && !seen_table {
-        if out.last().is_some_and(|l| !l.trim().is_empty()) {
-            out.push(String::new());
-        }
-        out.push("[provision]".into());
-        out.push(line);
-    }
-    let mut s = out.join("\n");
-    s.push('\n');
-    s
+    set_key(text, "provision", "token_hash", &format!("\"{value}\""))
 }
 
 /// `lucidgate provision set-token`: hashes `token` into the config file at `path` (created if
@@ -208,30 +141,10 @@ mod tests {
         assert!(!verify(&h, "correct horse batterY"));
         assert!(!verify(&h, &"x".repeat(MAX_TOKEN_LEN + 1)));
         assert!(!verify("sha1$x", "correct horse battery"));
-        assert!(check_hash("pbkdf2-sha256$0$00$00").is_err());
-        assert!(check_hash(&h).is_ok());
+        assert!(crate::config::check::check_token_hash("pbkdf2-sha256$0$00$00").is_err());
+        assert!(crate::config::check::check_token_hash(&h).is_ok());
         assert_ne!(hash("a").unwrap(), hash("a").unwrap(), "salted");
         let quick = hash_with_rounds("a", 10).unwrap();
         assert!(quick.starts_with("pbkdf2-sha256$10$") && verify(&quick, "a"));
-    }
-
-    #[test]
-    fn set_in_config_edits_only_the_token_line() {
-        let t = "# mine\n[relay]\npolicy = \"shared\"\n";
-        assert_eq!(
-            set_in_config(t, "H"),
-            "# mine\n[relay]\npolicy = \"shared\"\n\n[provision]\ntoken_hash = \"H\"\n"
-        );
-        let t = "[provision]\n# keep\ntoken_hash = \"old\"\n[relay]\nbaud = 9600\n";
-        assert_eq!(
-            set_in_config(t, "H"),
-            "[provision]\n# keep\ntoken_hash = \"H\"\n[relay]\nbaud = 9600\n"
-        );
-        let t = "[provision]\n[relay]\n";
-        assert_eq!(
-            set_in_config(t, "H"),
-            "[provision]\ntoken_hash = \"H\"\n[relay]\n"
-        );
-        assert_eq!(set_in_config("", "H"), "[provision]\ntoken_hash = \"H\"\n");
     }
 }

@@ -5,6 +5,15 @@
 //! to fix it. A [`Config`] that [`Config::load`] returns has been validated as a whole: the
 //! daemon never runs with a half-checked config (a reload that fails keeps the old one).
 
+//!
+//! [`check`] holds the validators of single values (serials, host names, durations, the token
+//! hash), [`validate`] the checks of a whole config, [`locate`] the TOML reader whose errors name
+//! file, line and field (shared by every TOML file lucidgate reads) and the in-place editor.
+
+pub mod check;
+pub mod locate;
+mod validate;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -12,12 +21,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use check::{MAX_SERIAL_LEN, check_serial, parse_duration};
+use locate::find_line;
+pub use locate::{parse_toml, read_text};
+
 /// Where `serve`, `status`, `port` and `config check` look for the config by default.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lucidgate/lucidgate.toml";
 /// A config file larger than this is refused (it is certainly not a lucidgate config).
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
-/// Longest module serial accepted in config or from udev.
-pub const MAX_SERIAL_LEN: usize = 64;
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,13 +270,6 @@ impl Default for TlsConfig {
     }
 }
 
-/// Parses a duration such as "30d", "12h", "90s".
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| {
-        format!("{s:?} is not a duration ({e}); write e.g. \"30d\", \"12h\" or \"90s\"")
-    })
-}
-
 /// Every bound and timeout of the daemon, with its default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -458,222 +462,6 @@ impl Config {
         })?;
         Ok(config)
     }
-
-    /// Checks what types alone cannot; the error is (table, key, message).
-    fn validate(&self) -> Result<(), (String, String, String)> {
-        let err = |t: &str, k: &str, m: String| Err((t.to_string(), k.to_string(), m));
-        if self.listen.is_empty() {
-            return err(
-                "",
-                "listen",
-                "no listen address; use e.g. listen = [\"0.0.0.0\", \"::\"]".into(),
-            );
-        }
-        if self.ports.base == 0 {
-            return err("ports", "base", "must be 1 or more (e.g. 4000)".into());
-        }
-        if self.ports.span == 0 {
-            return err("ports", "span", "must be 1 or more (e.g. 1000)".into());
-        }
-        if self.ports.base as u32 + self.ports.span as u32 - 1 > u16::MAX as u32 {
-            return err(
-                "ports",
-                "span",
-                format!(
-                    "base {} + span {} goes past port 65535; lower base or span",
-                    self.ports.base, self.ports.span
-                ),
-            );
-        }
-        if self.relay.baud == 0 {
-            return err("relay", "baud", "must be more than 0 (e.g. 115200)".into());
-        }
-        let l = &self.limits;
-        if !(64..=1024 * 1024).contains(&l.buffer_bytes) {
-            return err(
-                "limits",
-                "buffer_bytes",
-                format!("{} is outside 64..=1048576", l.buffer_bytes),
-            );
-        }
-        for (key, v) in [
-            ("max_pending_per_module", l.max_pending_per_module),
-            ("max_modules", l.max_modules),
-            ("max_control_clients", l.max_control_clients),
-        ] {
-            if v == 0 {
-                return err("limits", key, "must be 1 or more".into());
-            }
-        }
-        if l.handshake_timeout_ms == 0 {
-            return err("limits", "handshake_timeout_ms", "must be 1 or more".into());
-        }
-        if l.max_handshakes == 0 {
-            return err("limits", "max_handshakes", "must be 1 or more".into());
-        }
-        if !self.discovery.hostname.is_empty()
-            && let Err(m) = crate::discovery::check_hostname(&self.discovery.hostname)
-        {
-            return err("discovery", "hostname", m);
-        }
-        if let Some(i) = self
-            .discovery
-            .interfaces
-            .iter()
-            .find(|i| i.is_empty() || i.len() > 15 || i.contains('/'))
-        {
-            return err(
-                "discovery",
-                "interfaces",
-                format!("{i:?} is not a network interface name (as `ip link` lists them)"),
-            );
-        }
-        if let Some(h) = &self.provision.token_hash
-            && let Err(m) = crate::provision::token::check_hash(h)
-        {
-            return err("provision", "token_hash", m);
-        }
-        if l.max_clients_per_module == 0 {
-            return err(
-                "limits",
-                "max_clients_per_module",
-                "must be 1 or more".into(),
-            );
-        }
-        if !(10..=60_000).contains(&l.answer_timeout_ms) {
-            return err(
-                "limits",
-                "answer_timeout_ms",
-                "must be between 10 and 60000 (the protocol's timeout is 1000)".into(),
-            );
-        }
-        let t = &self.tls;
-        for (key, v) in [
-            ("server_cert_lifetime", &t.server_cert_lifetime),
-            ("ca_lifetime", &t.ca_lifetime),
-        ] {
-            match parse_duration(v) {
-                Err(m) => return err("tls", key, m),
-                Ok(d) if d.as_secs() < 2 => {
-                    return err("tls", key, format!("{v:?} is too short (2s at least)"));
-                }
-                Ok(_) => {}
-            }
-        }
-        if !(0.05..=0.95).contains(&t.renew_fraction) {
-            return err(
-                "tls",
-                "renew_fraction",
-                format!("{} is outside 0.05..=0.95", t.renew_fraction),
-            );
-        }
-        for n in &t.names {
-            if n.is_empty()
-                || !n
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
-            {
-                return err("tls", "names", format!("{n:?} is not a DNS name"));
-            }
-        }
-        let ext = [&t.ca_file, &t.cert_file, &t.key_file];
-        if ext.iter().any(|f| f.is_some()) && !ext.iter().all(|f| f.is_some()) {
-            return err(
-                "tls",
-                "ca_file",
-                "an external PKI needs all three of ca_file, cert_file and key_file".into(),
-            );
-        }
-        if l.stop_timeout_ms == 0 {
-            return err("limits", "stop_timeout_ms", "must be 1 or more".into());
-        }
-        if l.retry_ms == 0 {
-            return err("limits", "retry_ms", "must be 1 or more".into());
-        }
-        for (i, rule) in self.match_rules.iter().enumerate() {
-            let fields = [&rule.vendor, &rule.model, &rule.vendor_id, &rule.product_id];
-            if fields.iter().all(|f| f.is_none()) {
-                return err(
-                    "match",
-                    "vendor",
-                    format!(
-                        "[[match]] rule #{} has no field; give vendor, model, vendor_id or product_id",
-                        i + 1
-                    ),
-                );
-            }
-            for (key, pat) in [
-                ("vendor", &rule.vendor),
-                ("model", &rule.model),
-                ("vendor_id", &rule.vendor_id),
-                ("product_id", &rule.product_id),
-            ] {
-                if let Some(p) = pat
-                    && let Err(e) = glob::Pattern::new(p)
-                {
-                    return err("match", key, format!("bad pattern {p:?}: {e}"));
-                }
-            }
-        }
-        let mut ports_seen: BTreeMap<u16, &str> = BTreeMap::new();
-        for (serial, m) in &self.modules {
-            let table = format!("modules.\"{serial}\"");
-            if let Err(why) = check_serial(serial) {
-                return err(&table, "", format!("module serial {serial:?} {why}"));
-            }
-            if let Some(port) = m.port {
-                if port == 0 {
-                    return err(&table, "port", "must be 1..=65535".into());
-                }
-                if let Some(other) = ports_seen.insert(port, serial) {
-                    return err(
-                        &table,
-                        "port",
-                        format!(
-                            "port {port} is also given to module {other}; give each module its own port"
-                        ),
-                    );
-                }
-            }
-            if m.baud == Some(0) {
-                return err(&table, "baud", "must be more than 0".into());
-            }
-        }
-        let mut serials_seen = std::collections::BTreeSet::new();
-        for (i, d) in self.devices.iter().enumerate() {
-            if !d.path.is_absolute() {
-                return err(
-                    "device",
-                    "path",
-                    format!(
-                        "[[device]] #{}: path {} must be absolute (e.g. /dev/ttyUSB0)",
-                        i + 1,
-                        d.path.display()
-                    ),
-                );
-            }
-            if let Err(why) = check_serial(&d.serial) {
-                return err(
-                    "device",
-                    "serial",
-                    format!("[[device]] #{}: serial {:?} {why}", i + 1, d.serial),
-                );
-            }
-            if !serials_seen.insert(d.serial.as_str()) {
-                return err(
-                    "device",
-                    "serial",
-                    format!(
-                        "[[device]] #{}: serial {} is listed twice; each device needs its own serial",
-                        i + 1,
-                        d.serial
-                    ),
-                );
-            }
-        }
-        Ok(())
-    }
-
     /// The settings of module `serial`: its override merged over the relay defaults.
     pub fn module_settings(&self, serial: &str) -> ModuleSettings {
         let o = self.modules.get(serial).cloned().unwrap_or_default();
@@ -720,213 +508,9 @@ impl Config {
     }
 }
 
-/// Is `s` usable as a module serial (in config, in file names, in logs)?
-pub fn check_serial(s: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err("is empty".into());
-    }
-    if s.len() > MAX_SERIAL_LEN {
-        return Err(format!("is longer than {MAX_SERIAL_LEN} characters"));
-    }
-    if let Some(c) = s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
-    {
-        return Err(format!(
-            "contains {c:?}; use letters, digits, '-', '_', '.' or ':'"
-        ));
-    }
-    Ok(())
-}
-
-/// Deserializes TOML `text` into `T`; errors name `origin`, the line, the column and the field.
-/// Shared by every TOML file lucidgate reads (config, attach config, provisioning requests).
-pub fn parse_toml<T: serde::de::DeserializeOwned>(
-    text: &str,
-    origin: &str,
-) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let field = e.span().and_then(|s| field_at(text, s.start));
-        toml_error(text, origin, &e, field)
-    })
-}
-
-/// The largest char boundary at or below `offset` (spans from the parser are byte offsets).
-fn boundary(text: &str, offset: usize) -> usize {
-    let mut o = offset.min(text.len());
-    while !text.is_char_boundary(o) {
-        o -= 1;
-    }
-    o
-}
-
-/// The dotted path of the field at byte `offset` of a TOML document, read from the text: the
-/// key of the `key = value` line the offset is in (or the nearest one above, for a value that
-/// spans lines), under the nearest `[table]` or `[[array]]` header above (the N-th `[[array]]`
-/// is `array[N]`, counted from 1). Best effort, for error messages.
-fn field_at(text: &str, offset: usize) -> Option<String> {
-    let offset = boundary(text, offset);
-    let before = &text[..offset];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let lines: Vec<&str> = text[..line_start].lines().collect();
-    let current = text[line_start..].lines().next().unwrap_or("");
-    let header = |l: &str| -> Option<(String, bool)> {
-        let t = l.trim();
-        let array = t.starts_with("[[");
-        let name = t.strip_prefix('[')?.trim_start_matches('[');
-        let name = name.split(']').next()?.trim();
-        (!name.is_empty()).then(|| (name.to_string(), array))
-    };
-    let key_of = |l: &str| -> Option<String> {
-        let t = l.trim();
-        if t.starts_with('[') || t.starts_with('#') {
-            return None;
-        }
-        let (k, _) = t.split_once('=')?;
-        let k = k.trim();
-        (!k.is_empty()).then(|| k.to_string())
-    };
-    // The offset on a header: the table itself.
-    if let Some((name, _)) = header(current) {
-        return Some(path_with_table(&lines, name, &header));
-    }
-    let mut above = lines.len();
-    let mut key = key_of(current);
-    if key.is_none() {
-        // A value continued from a line above (a multi-line array).
-        while above > 0 {
-            above -= 1;
-            if header(lines[above]).is_some() {
-                above += 1;
-                break;
-            }
-            if let Some(k) = key_of(lines[above]) {
-                key = Some(k);
-                break;
-            }
-        }
-    }
-    let key = key?;
-    // The table the key is in.
-    for i in (0..above.min(lines.len())).rev() {
-        if let Some((name, array)) = header(lines[i]) {
-            let table = if array {
-                let n = lines[..=i]
-                    .iter()
-                    .filter(|l| header(l).is_some_and(|(h, a)| a && h == name))
-                    .count();
-                format!("{name}[{n}]")
-            } else {
-                name
-            };
-            return Some(format!("{table}.{key}"));
-        }
-    }
-    Some(key)
-}
-
-/// `name` as the path of a header line: an array of tables gets its index.
-fn path_with_table(
-    lines: &[&str],
-    name: String,
-    header: &dyn Fn(&str) -> Option<(String, bool)>,
-) -> String {
-    let n = lines
-        .iter()
-        .filter(|l| header(l).is_some_and(|(h, a)| a && h == name))
-        .count();
-    if n > 0 {
-        format!("{name}[{}]", n + 1)
-    } else {
-        name
-    }
-}
-
-/// Reads a UTF-8 text file (a `what`: config, attach config, ...) of at most `max` bytes;
-/// errors name the file.
-pub fn read_text(path: &Path, max: u64, what: &str) -> Result<String, ConfigError> {
-    let meta = std::fs::metadata(path).map_err(|e| ConfigError::Read {
-        path: path.to_path_buf(),
-        source: e,
-        hint: "",
-    })?;
-    if meta.len() > max {
-        return Err(ConfigError::Invalid {
-            location: path.display().to_string(),
-            message: format!(
-                "file is {} bytes; a {what} is at most {max} bytes (is this the right file?)",
-                meta.len()
-            ),
-        });
-    }
-    let text = std::fs::read(path).map_err(|e| ConfigError::Read {
-        path: path.to_path_buf(),
-        source: e,
-        hint: "",
-    })?;
-    String::from_utf8(text).map_err(|e| ConfigError::Invalid {
-        location: path.display().to_string(),
-        message: format!(
-            "not UTF-8 text (invalid byte at offset {}); save the file as UTF-8",
-            e.utf8_error().valid_up_to()
-        ),
-    })
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..boundary(text, offset)];
-    let line = before.matches('\n').count() + 1;
-    let col = before
-        .rfind('\n')
-        .map_or(before.len(), |i| before.len() - i - 1)
-        + 1;
-    (line, col)
-}
-
-fn toml_error(text: &str, origin: &str, e: &toml::de::Error, field: Option<String>) -> ConfigError {
-    let field = field.filter(|f| !f.is_empty() && f != ".");
-    let mut location = origin.to_string();
-    if let Some(span) = e.span() {
-        let (line, col) = line_col(text, span.start);
-        location.push_str(&format!(", line {line}, column {col}"));
-    }
-    if let Some(f) = &field {
-        location.push_str(&format!(", field `{f}`"));
-    }
-    let mut message = e.message().trim().to_string();
-    if message.starts_with("unknown field") {
-        message.push_str(" (remove it or fix its spelling; `lucidgate config check` prints every valid field with its default)");
-    }
-    ConfigError::Invalid { location, message }
-}
-
-/// Best-effort line of `key` in `[table]` (for errors found after parsing).
-fn find_line(text: &str, table: &str, key: &str) -> Option<usize> {
-    let mut current = String::new();
-    let mut table_line = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if let Some(rest) = line.strip_prefix('[') {
-            let name = rest.trim_start_matches('[');
-            let name = name.split(']').next().unwrap_or("").trim();
-            current = name.to_string();
-            if current == table {
-                table_line = Some(i + 1);
-            }
-            continue;
-        }
-        if current == table && !key.is_empty() {
-            let k = line.split('=').next().unwrap_or("").trim();
-            if k == key {
-                return Some(i + 1);
-            }
-        }
-    }
-    table_line
-}
-
 #[cfg(test)]
 mod tests {
+    use super::locate::{field_at, line_col};
     use super::*;
 
     fn err_of(text: &str) -> String {
