@@ -129,18 +129,18 @@ fn ask_port(port: &File, req: &[u8]) -> Vec<u8> {
 }
 
 /// A plain daemon serving an emulated AO4; returns it, the emulator and the relay port.
-fn plain_daemon(base: u16) -> (Daemon, Emulator, u16, tempfile::TempDir) {
+fn plain_daemon() -> (Daemon, Emulator, u16, tempfile::TempDir) {
     let links = tempfile::tempdir().unwrap();
     let module = links.path().join("module");
     let emu = Emulator::start(&module, "AO4", AO4);
-    let d = Daemon::start(base, &static_device(&module, AO4), None);
+    let d = Daemon::start(port_block(), &static_device(&module, AO4), None);
     let port = d.wait_serving(AO4);
     (d, emu, port, links)
 }
 
 #[test]
 fn a_program_opening_the_port_for_every_request_gets_every_answer() {
-    let (d, _emu, port, links) = plain_daemon(56000);
+    let (d, _emu, port, links) = plain_daemon();
     let link = links.path().join("lio0");
     // SERIAL@HOST with the server's port numbering: GetId confirms the module.
     let a = Attach::start(&format!("{AO4}@127.0.0.1:{port}"), &link, &["--plain"]);
@@ -176,7 +176,7 @@ fn a_program_opening_the_port_for_every_request_gets_every_answer() {
 
 #[test]
 fn the_port_survives_server_restarts_and_network_drops() {
-    let (mut d, _emu, port, links) = plain_daemon(56500);
+    let (mut d, _emu, port, links) = plain_daemon();
     // A TCP proxy in the middle: cutting its sessions is a network drop for attach.
     let proxy = Proxy::start(port);
     let link = links.path().join("lio0");
@@ -249,7 +249,7 @@ fn tls_with_a_client_certificate_and_a_clear_refusal_of_the_wrong_ca() {
     let module = links.path().join("module");
     let _emu = Emulator::start(&module, "AO4", AO4);
     let d = Daemon::start(
-        57000,
+        port_block(),
         &format!("{}[relay]\n", static_device(&module, AO4)),
         None,
     );
@@ -318,7 +318,9 @@ fn tls_with_a_client_certificate_and_a_clear_refusal_of_the_wrong_ca() {
 
     // A missing --ca is a start-up error that says what to pass.
     let out = Command::new(bin())
-        .args(["attach", "127.0.0.1:1", "--link"])
+        .arg("attach")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--link")
         .arg(links.path().join("lio2"))
         .output()
         .unwrap();
@@ -336,7 +338,7 @@ fn pylucidio_reads_and_writes_the_module_through_the_attached_port() {
         "{} is missing: run ./scripts/test-venv (./scripts/test does) to install pylucidio",
         python.display()
     );
-    let (_d, _emu, port, links) = plain_daemon(57500);
+    let (_d, _emu, port, links) = plain_daemon();
     let link = links.path().join("lio0");
     let a = Attach::start(&format!("127.0.0.1:{port}"), &link, &["--plain"]);
     a.wait_log("connected to", 1);
@@ -386,7 +388,7 @@ for i in range(3):
 #[test]
 fn socat_in_the_same_situation_exits_and_takes_the_link_away() {
     require_tool("socat");
-    let (mut d, _emu, port, links) = plain_daemon(58000);
+    let (mut d, _emu, port, links) = plain_daemon();
     let link = links.path().join("socat-lio0");
     let mut socat = Command::new("socat")
         .arg(format!("pty,link={},raw,echo=0,ignoreof", link.display()))
@@ -478,7 +480,7 @@ fn a_serial_alone_is_found_by_mdns() {
     let module = links.path().join("module");
     let emu = Emulator::start(&module, "AO4", AO4);
     let d = Daemon::start(
-        61000,
+        port_block(),
         &format!(
             "{}[relay]\ntransport = \"mtls\"\n[discovery]\nmdns = true\nhostname = \"lucidgate-test\"\ninterfaces = [\"lo\"]\n",
             static_device(&module, AO4)

@@ -17,7 +17,8 @@ const ROUNDS: u32 = 100;
 #[test]
 fn hundreds_of_plug_cycles_of_several_modules_leak_nothing_and_keep_their_ports() {
     let mut bed = Umockdev::start();
-    let d = Daemon::start(27000, "", Some(&bed));
+    let base = port_block();
+    let d = Daemon::start(base, "", Some(&bed));
     // Round 0 warms up (lazily created runtime threads) and learns the ports.
     let mut idx = 0u32;
     let mut plug_all = |bed: &mut Umockdev| -> Vec<String> {
@@ -31,7 +32,7 @@ fn hundreds_of_plug_cycles_of_several_modules_leak_nothing_and_keep_their_ports(
     };
     let sys = plug_all(&mut bed);
     let ports: Vec<u16> = SERIALS.iter().map(|s| d.wait_serving(s)).collect();
-    assert_eq!(ports, [27216, 27217, 27218]);
+    assert_eq!(ports, [base + 216, base + 217, base + 218]);
     for s in &sys {
         bed.remove(s);
     }
@@ -99,7 +100,7 @@ fn a_module_that_vanishes_while_a_client_streams_writes_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("lio0");
     let emu = Emulator::start(&link, "AO4", AO4);
-    let d = Daemon::start(28000, &static_device(&link, AO4), None);
+    let d = Daemon::start(port_block(), &static_device(&link, AO4), None);
     let port = d.wait_serving(AO4);
     let fds = d.fd_count();
     let mut c = connect(port);
@@ -162,7 +163,7 @@ fn a_device_that_floods_bytes_is_drained_or_held_back_within_the_memory_bound() 
     let good = dir.path().join("good");
     let _emu = Emulator::start(&good, "AO4", AO4);
     let d = Daemon::start(
-        29000,
+        port_block(),
         &format!(
             "{}{}",
             static_device(&dir.path().join("flood"), FLOODER),

@@ -167,7 +167,7 @@ fn hostile_clients_are_bounded_and_other_modules_keep_their_round_trip() {
     let ea = Emulator::start(&la, "AO4", AO4);
     let _eb = Emulator::start(&lb, "DI4", DI4);
     let d = Daemon::start(
-        20000,
+        port_block(),
         &format!(
             "{}{}[relay]\n[limits]\nhandshake_timeout_ms = {HANDSHAKE_TIMEOUT_MS}\nidle_timeout_secs = {IDLE_TIMEOUT_SECS}\nmax_pending_per_module = {MAX_PENDING}\n[modules.\"{DI4}\"]\npolicy = \"shared\"\n",
             static_device(&la, AO4),

@@ -7,12 +7,16 @@ use std::process::Command;
 
 use common::*;
 
-const SER2NET_YAML: &str = r#"%YAML 1.1
+/// A ser2net.yaml whose three connections accept on `ports`.
+fn ser2net_yaml(ports: [u16; 3]) -> String {
+    let [p0, p1, p2] = ports;
+    format!(
+        r#"%YAML 1.1
 ---
 define: &banner \r\nser2net port \p device \d [\B] (Debian GNU/Linux)\r\n\r\n
 
 connection: &lio0
-    accepter: tcp,4001
+    accepter: tcp,{p0}
     enable: on
     options:
       banner: *banner
@@ -22,13 +26,15 @@ connection: &lio0
               115200n81,local
 
 connection: &lio1
-    accepter: tcp,4002
+    accepter: tcp,{p1}
     connector: serialdev,/dev/serial/by-id/usb-deciphe_it_LucidIo_DI4_00001001000000AA-if00,115200n81,local
 
 connection: &lio2
-    accepter: tcp,4003
+    accepter: tcp,{p2}
     connector: serialdev,/dev/ttyACM5,115200n81,local
-"#;
+"#
+    )
+}
 
 #[test]
 fn import_resolves_tty_names_through_udev_and_keeps_the_ports() {
@@ -36,7 +42,8 @@ fn import_resolves_tty_names_through_udev_and_keeps_the_ports() {
     bed.add(0, AO4, "deciphe_it", "LucidIo_AO4", true);
     let dir = tempfile::tempdir().unwrap();
     let yaml = dir.path().join("ser2net.yaml");
-    std::fs::write(&yaml, SER2NET_YAML).unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    std::fs::write(&yaml, ser2net_yaml(ports)).unwrap();
     let out = Command::new("umockdev-wrapper")
         .arg(bin())
         .args(["config", "import-ser2net"])
@@ -53,16 +60,16 @@ fn import_resolves_tty_names_through_udev_and_keeps_the_ports() {
     let notes = String::from_utf8_lossy(&out.stderr);
     // ttyACM0 is the plugged AO4 (udev), lio1 names its serial in the by-id path, ttyACM5 is absent.
     let cfg = lucidgate::config::Config::parse(&toml, "imported").unwrap();
-    assert_eq!(cfg.module_settings(AO4).fixed_port, Some(4001));
+    assert_eq!(cfg.module_settings(AO4).fixed_port, Some(ports[0]));
     assert_eq!(
         cfg.module_settings(AO4).policy,
         lucidgate::config::ClientPolicy::KickOld
     );
     assert_eq!(
         cfg.module_settings("00001001000000AA").fixed_port,
-        Some(4002)
+        Some(ports[1])
     );
-    assert!(toml.contains("# port = 4003"));
+    assert!(toml.contains(&format!("# port = {}", ports[2])));
     assert!(
         notes.contains("line 9") && notes.contains("banner"),
         "{notes}"
@@ -73,9 +80,9 @@ fn import_resolves_tty_names_through_udev_and_keeps_the_ports() {
     );
 
     // The imported overrides are honoured by serve: the module keeps ser2net's port.
-    let d = Daemon::start(55000, &toml, Some(&bed));
-    assert_eq!(d.wait_serving(AO4), 4001);
-    assert_eq!(socat_exchange(4001, &GET_ID), get_id_answer(AO4));
+    let d = Daemon::start(port_block(), &toml, Some(&bed));
+    assert_eq!(d.wait_serving(AO4), ports[0]);
+    assert_eq!(socat_exchange(ports[0], &GET_ID), get_id_answer(AO4));
 }
 
 #[test]

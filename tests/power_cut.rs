@@ -18,13 +18,14 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const CRASH_AT: &str = "LUCIDGATE_DANGEROUS_CRASH_AT";
-const BASE: u16 = 19000;
 const TOKEN: &str = "cut-the-power-7";
 
-/// The module every daemon here serves (an emulator that outlives the daemons).
+/// The module every daemon here serves (an emulator that outlives the daemons), always on the
+/// same ports.
 struct Bench {
     _links: tempfile::TempDir,
     extra: String,
+    base: u16,
     _emu: Emulator,
 }
 
@@ -40,6 +41,7 @@ impl Bench {
                 "{}[relay]\npolicy = \"shared\"\n",
                 static_device(&link, AO4)
             ),
+            base: port_block(),
             _links: links,
             _emu: emu,
         }
@@ -47,11 +49,7 @@ impl Bench {
 
     /// A daemon directory (config written, not started) whose state is a copy of `state`.
     fn prepare(&self, state: Option<&Path>) -> Daemon {
-        self.prepare_at(BASE, state)
-    }
-
-    fn prepare_at(&self, base: u16, state: Option<&Path>) -> Daemon {
-        let d = Daemon::prepare(tempfile::tempdir().unwrap(), base, &self.extra);
+        let d = Daemon::prepare(tempfile::tempdir().unwrap(), self.base, &self.extra);
         if let Some(s) = state {
             copy_dir(s, &d.dir.path().join("state"));
         }
@@ -346,9 +344,9 @@ fn a_kill_at_any_state_write_step_leaves_state_that_loads_and_is_consistent() {
 
 #[test]
 fn corrupt_state_is_moved_aside_or_refused_never_silently_replaced() {
+    // Ports of its own (a bench of its own): the other test here runs at the same time.
     let bench = Bench::new();
-    // Ports of its own: the other test here runs at the same time.
-    let mut d = bench.prepare_at(BASE - 2000, None);
+    let mut d = bench.prepare(None);
     d.restart(None);
     let port = d.wait_serving(AO4);
     assert!(d.stop().success());
@@ -372,7 +370,7 @@ fn corrupt_state_is_moved_aside_or_refused_never_silently_replaced() {
     // A CA key that does not belong to the CA certificate: refused, named, never replaced.
     let pki = state.join("pki");
     let other = tempfile::tempdir().unwrap();
-    let o = Daemon::prepare(other, BASE - 1500, &bench.extra);
+    let o = Daemon::prepare(other, port_block(), &bench.extra);
     issue_client(&o, "x", &["--all"]);
     let key = std::fs::read(pki.join("ca.key")).unwrap();
     std::fs::copy(o.dir.path().join("state/pki/ca.key"), pki.join("ca.key")).unwrap();

@@ -71,10 +71,11 @@ fn shared_mode_routes_every_answer_to_the_client_that_asked() {
     let dir = tempfile::tempdir().unwrap();
     let ao8 = lucidgate::emulator::default_serial(0x1110);
     let emu = Emulator::start(&dir.path().join("ao8"), "AO8", &ao8);
+    let metrics = format!("127.0.0.1:{}", free_port());
     let d = Daemon::start(
-        59000,
+        port_block(),
         &format!(
-            "{}[relay]\ntransport = \"plain\"\npolicy = \"shared\"\n[metrics]\nlisten = \"127.0.0.1:62990\"\n",
+            "{}[relay]\ntransport = \"plain\"\npolicy = \"shared\"\n[metrics]\nlisten = \"{metrics}\"\n",
             static_device(&emu.link, &ao8)
         ),
         None,
@@ -135,7 +136,7 @@ fn shared_mode_routes_every_answer_to_the_client_that_asked() {
         "{log}"
     );
     // The same counters on the OpenMetrics endpoint, read by prometheus_client's parser.
-    let samples = scrape("127.0.0.1:62990");
+    let samples = scrape(&metrics);
     let sample = |name: &str, extra: &str| {
         samples
             .iter()
@@ -166,7 +167,7 @@ fn read_only_certificates_read_but_their_writes_never_reach_the_module() {
     let dir = tempfile::tempdir().unwrap();
     let emu = Emulator::start(&dir.path().join("ao4"), "AO4", AO4);
     let d = Daemon::start(
-        60000,
+        port_block(),
         &format!(
             "{}[relay]\ntransport = \"mtls\"\n",
             static_device(&emu.link, AO4)
@@ -221,7 +222,7 @@ fn shared_mode_applies_the_module_timeout() {
     let serial = "11001001FA480007";
     let emu = Emulator::start_with(&dir.path().join("m"), "AO4", serial, &["--silent"]);
     let d = Daemon::start(
-        62000,
+        port_block(),
         &format!(
             "{}[relay]\ntransport = \"plain\"\npolicy = \"shared\"\n[limits]\nanswer_timeout_ms = 300\n",
             static_device(&emu.link, serial)

@@ -68,7 +68,7 @@ fn a_valid_stick_gets_working_certificates_once() {
     let dir = tempfile::tempdir().unwrap();
     let emu = Emulator::start(&dir.path().join("ao4"), "AO4", AO4);
     let d = Daemon::start(
-        63000,
+        port_block(),
         &format!(
             "{}[relay]\ntransport = \"mtls\"\n",
             static_device(&emu.link, AO4)
@@ -158,7 +158,7 @@ fn a_valid_stick_gets_working_certificates_once() {
 #[test]
 fn bad_sticks_are_refused_with_a_clear_reason_and_nothing_is_issued() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(63500, "", None);
+    let d = Daemon::start(port_block(), "", None);
     // No token configured yet: provisioning is off.
     let img = fat_image(dir.path(), "off.img", 2048);
     put(
@@ -561,7 +561,7 @@ fn is_whole_pem(b: &[u8]) -> bool {
 fn a_stick_plugged_into_the_running_daemon_is_provisioned() {
     let dir = tempfile::tempdir().unwrap();
     let mut bed = Umockdev::start();
-    let d = Daemon::start(64000, "", Some(&bed));
+    let d = Daemon::start(port_block(), "", Some(&bed));
     set_token(&d);
     let img = fat_image(dir.path(), "stick.img", 4096);
     put(
@@ -617,8 +617,7 @@ fn operator_pki(dir: &Path) -> PathBuf {
          openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out other.key; \
          openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout client.key -out client.csr -subj /CN=opclient 2>/dev/null; \
          printf 'extendedKeyUsage=clientAuth\\nsubjectAltName=URI:lucidgate:module:*\\n' > client.ext; \
-         openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 30 -extfile client.ext 2>/dev/null; \
-         cat client.key client.crt > client.pem",
+         openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 30 -extfile client.ext 2>/dev/null",
         pki.display()
     );
     let out = Command::new("sh").arg("-c").arg(&sh).output().unwrap();
@@ -634,7 +633,7 @@ fn an_import_installs_the_operators_pki() {
     let pki = operator_pki(dir.path());
     let emu = Emulator::start(&dir.path().join("ao4"), "AO4", AO4);
     let d = Daemon::start(
-        64500,
+        port_block(),
         &format!(
             "{}[relay]\ntransport = \"mtls\"\n",
             static_device(&emu.link, AO4)
@@ -692,7 +691,7 @@ fn an_import_installs_the_operators_pki() {
         let (bytes, err) = s_client(
             port,
             &pki.join("ca.crt"),
-            &["-cert", pki.join("client.pem").to_str().unwrap()],
+            &cert_args(&pki, "client"),
             &GET_ID,
         );
         if bytes != get_id_answer(AO4) {

@@ -13,9 +13,10 @@ fn unplug_mid_session_ends_the_client_and_replug_serves_the_same_port() {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("lio0");
     let emu = Emulator::start(&link, "AO4", AO4);
-    let d = Daemon::start(31000, &static_device(&link, AO4), None);
+    let base = port_block();
+    let d = Daemon::start(base, &static_device(&link, AO4), None);
     let port = d.wait_serving(AO4);
-    assert_eq!(port, 31216);
+    assert_eq!(port, base + 216);
     assert_eq!(d.module(AO4).unwrap()["serial_source"], "config");
 
     let mut c = connect(port);
@@ -47,7 +48,7 @@ fn exclusive_policy_refuses_a_second_client_until_the_first_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("lio0");
     let _emu = Emulator::start(&link, "AO4", AO4);
-    let d = Daemon::start(32000, &static_device(&link, AO4), None);
+    let d = Daemon::start(port_block(), &static_device(&link, AO4), None);
     let port = d.wait_serving(AO4);
     let mut first = connect(port);
     assert_eq!(ask(&mut first, &GET_ID), get_id_answer(AO4));
@@ -87,7 +88,7 @@ fn kick_old_policy_lets_the_newest_client_win() {
         "{}[modules.\"{AO4}\"]\npolicy = \"kick-old\"\n",
         static_device(&link, AO4)
     );
-    let d = Daemon::start(33000, &extra, None);
+    let d = Daemon::start(port_block(), &extra, None);
     let port = d.wait_serving(AO4);
     let mut old = connect(port);
     assert_eq!(ask(&mut old, &GET_ID), get_id_answer(AO4));
@@ -108,7 +109,11 @@ fn scripted_clients_that_half_close_get_their_answers_back_to_back() {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("lio0");
     let _emu = Emulator::start(&link, "AI4", "01001001FA480001");
-    let d = Daemon::start(34000, &static_device(&link, "01001001FA480001"), None);
+    let d = Daemon::start(
+        port_block(),
+        &static_device(&link, "01001001FA480001"),
+        None,
+    );
     let port = d.wait_serving("01001001FA480001");
     for _ in 0..3 {
         assert_eq!(
@@ -124,7 +129,7 @@ fn sigterm_closes_clients_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("lio0");
     let _emu = Emulator::start(&link, "AO4", AO4);
-    let mut d = Daemon::start(35000, &static_device(&link, AO4), None);
+    let mut d = Daemon::start(port_block(), &static_device(&link, AO4), None);
     let port = d.wait_serving(AO4);
     let mut c = connect(port);
     assert_eq!(ask(&mut c, &GET_ID), get_id_answer(AO4));
@@ -152,7 +157,7 @@ fn a_silent_module_does_not_hang_the_daemon_or_other_modules() {
         static_device(&l1, AO4),
         static_device(&l2, "11001001FA480001")
     );
-    let d = Daemon::start(36000, &extra, None);
+    let d = Daemon::start(port_block(), &extra, None);
     let (p1, p2) = (d.wait_serving(AO4), d.wait_serving("11001001FA480001"));
     let mut c1 = connect(p1);
     c1.set_read_timeout(Some(Duration::from_millis(300)))
@@ -180,7 +185,7 @@ fn disabled_module_is_listed_but_not_served() {
         "{}[modules.\"{AO4}\"]\nenabled = false\n",
         static_device(&link, AO4)
     );
-    let d = Daemon::start(37000, &extra, None);
+    let d = Daemon::start(port_block(), &extra, None);
     let m = wait_until("module listed", || d.module(AO4));
     assert_eq!(m["state"], "disabled");
     assert!(m["port"].is_null());
@@ -191,21 +196,26 @@ fn fixed_port_override_and_busy_port_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("lio0");
     let _emu = Emulator::start(&link, "AO4", AO4);
-    // Another program holds the fixed port.
-    let blocker = std::net::TcpListener::bind("127.0.0.1:38001").unwrap();
+    // Another program holds the fixed port (one of the daemon's own range).
+    let base = port_block();
+    let fixed = base + 1;
+    let blocker = std::net::TcpListener::bind(("127.0.0.1", fixed)).unwrap();
     let extra = format!(
-        "{}[modules.\"{AO4}\"]\nport = 38001\n",
+        "{}[modules.\"{AO4}\"]\nport = {fixed}\n",
         static_device(&link, AO4)
     );
-    let d = Daemon::start(38000, &extra, None);
+    let d = Daemon::start(base, &extra, None);
     let m = wait_until("failure reported", || {
         d.module(AO4).filter(|m| m["state"] == "failed")
     });
     let err = m["error"].as_str().unwrap();
-    assert!(err.contains("38001") && err.contains("busy"), "{err}");
+    assert!(
+        err.contains(&fixed.to_string()) && err.contains("busy"),
+        "{err}"
+    );
     // Freed: the retry picks it up.
     drop(blocker);
-    assert_eq!(d.wait_serving(AO4), 38001);
+    assert_eq!(d.wait_serving(AO4), fixed);
     assert_eq!(d.module(AO4).unwrap()["port_source"], "fixed");
 }
 
@@ -228,7 +238,7 @@ fn modules_are_identified_and_problems_reported_but_still_served() {
         static_device(&links[2], "11001001FA480009"),
         static_device(&links[3], "11001001FA480003"),
     );
-    let d = Daemon::start(37500, &extra, None);
+    let d = Daemon::start(port_block(), &extra, None);
     let settled = |serial: &str| {
         wait_until(&format!("{serial} identified"), || {
             d.module(serial)
@@ -287,7 +297,7 @@ fn a_module_silent_at_plug_is_identified_by_a_retry() {
         static_device(&l1, AO4),
         static_device(&l2, shared),
     );
-    let d = Daemon::start(39000, &extra, None);
+    let d = Daemon::start(port_block(), &extra, None);
     for serial in [AO4, shared] {
         let m = wait_until(&format!("{serial}: first GetId failed"), || {
             d.module(serial).filter(|m| m["identity_state"] == "failed")
@@ -322,7 +332,7 @@ fn a_departed_clients_slow_answer_never_reaches_the_next_client() {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("lio0");
     let _slow = Emulator::start_with(&link, "AO4", AO4, &["--answer-delay-ms", "400"]);
-    let d = Daemon::start(39500, &static_device(&link, AO4), None);
+    let d = Daemon::start(port_block(), &static_device(&link, AO4), None);
     let port = d.wait_serving(AO4);
     wait_until("identified", || {
         d.module(AO4).filter(|m| m["identity_state"] == "ok")

@@ -48,7 +48,8 @@ fn notify_protocol_ready_status_watchdog_reloading_stopping_in_order() {
     let emu = Emulator::start(&link, "AO4", AO4);
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let port = 51216;
+    let base = port_block();
+    let port = base + 216;
     // READY must not come before the module's port accepts connections: check at once, from
     // the thread that receives READY.
     let ready_connect = Arc::new(Mutex::new(None));
@@ -75,7 +76,7 @@ fn notify_protocol_ready_status_watchdog_reloading_stopping_in_order() {
             }
         }
     });
-    let mut d = Daemon::prepare(dir, 51000, &static_device(&link, AO4));
+    let mut d = Daemon::prepare(dir, base, &static_device(&link, AO4));
     d.env = vec![
         ("NOTIFY_SOCKET".into(), sock_path.display().to_string()),
         ("WATCHDOG_USEC".into(), "400000".into()),
@@ -155,15 +156,17 @@ fn reload_keeps_unchanged_relays_moves_changed_ports_and_refuses_bad_config() {
         static_device(&la, AO4),
         static_device(&lb, "11001001FA480001")
     );
-    let d = Daemon::start(52000, &base, None);
+    let d = Daemon::start(port_block(), &base, None);
     let pa = d.wait_serving(AO4);
     let pb = d.wait_serving("11001001FA480001");
     let mut client = connect(pa);
     assert_eq!(ask(&mut client, &GET_ID), get_id_answer(AO4));
 
-    // Module B gets a fixed port: B moves, A's client keeps its session.
+    // Module B gets a fixed port (the last of the range): B moves, A's client keeps its
+    // session.
+    let fixed = d.base + PORT_SPAN - 1;
     d.rewrite_config(&format!(
-        "{base}[modules.\"11001001FA480001\"]\nport = 52999\n"
+        "{base}[modules.\"11001001FA480001\"]\nport = {fixed}\n"
     ));
     let out = d.cli(&["reload"]);
     assert!(
@@ -171,8 +174,8 @@ fn reload_keeps_unchanged_relays_moves_changed_ports_and_refuses_bad_config() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("52999"));
-    assert_eq!(d.wait_serving("11001001FA480001"), 52999);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&fixed.to_string()));
+    assert_eq!(d.wait_serving("11001001FA480001"), fixed);
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", pb)).is_err(),
         "old port closed"
@@ -182,7 +185,7 @@ fn reload_keeps_unchanged_relays_moves_changed_ports_and_refuses_bad_config() {
         get_id_answer(AO4),
         "unchanged relay kept its client"
     );
-    let mut cb = connect(52999);
+    let mut cb = connect(fixed);
     assert_eq!(ask(&mut cb, &GET_ID), get_id_answer("11001001FA480001"));
 
     // A broken config is refused whole; everything keeps running.
@@ -266,7 +269,7 @@ fn journald_gets_structured_fields_for_plug_connect_and_refuse() {
     let journal = collect(UnixDatagram::bind(jdir.join("socket")).unwrap());
     let mut d = Daemon::prepare(
         dir,
-        53000,
+        port_block(),
         &format!(
             "{}[relay]\ntransport = \"mtls\"\n",
             static_device(&link, AO4)
@@ -291,7 +294,7 @@ fn journald_gets_structured_fields_for_plug_connect_and_refuse() {
         get_id_answer(AO4)
     );
     let ca = c.join("ca.crt");
-    let (got, _) = s_client(port, &ca, &[], &GET_ID);
+    let (got, _) = s_client(port, &ca, &[] as &[&str], &GET_ID);
     assert!(got.is_empty());
 
     let find = |event: &str| {

@@ -59,7 +59,7 @@ fn presented_serial(port: u16, ca: &Path) -> String {
 
 #[test]
 fn socat_with_a_client_certificate_reaches_the_module_and_certificates_verify() {
-    let (d, _emu, port) = tls_daemon(41000, "");
+    let (d, _emu, port) = tls_daemon(port_block(), "");
     let alice = issue_client(&d, "alice", &["--modules", AO4]);
     assert_eq!(
         socat_tls(port, &alice, "alice", &GET_ID),
@@ -129,11 +129,7 @@ fn socat_with_a_client_certificate_reaches_the_module_and_certificates_verify() 
     // Status names the client while it is connected.
     let mut s = Command::new("socat")
         .arg("-")
-        .arg(format!(
-            "openssl-connect:127.0.0.1:{port},cert={},cafile={}",
-            alice.join("alice.pem").display(),
-            ca.display()
-        ))
+        .arg(socat_tls_address(port, &alice, "alice"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -148,7 +144,7 @@ fn socat_with_a_client_certificate_reaches_the_module_and_certificates_verify() 
 
 #[test]
 fn every_refusal_case_is_refused_logged_and_leaves_allowed_clients_alone() {
-    let (d, _emu, port) = tls_daemon(42000, "");
+    let (d, _emu, port) = tls_daemon(port_block(), "");
     let good = issue_client(&d, "good", &["--all"]);
     let other_module = issue_client(&d, "elsewhere", &["--modules", "11001001FA480001"]);
     let revoked = issue_client(&d, "gone", &["--all"]);
@@ -157,11 +153,7 @@ fn every_refusal_case_is_refused_logged_and_leaves_allowed_clients_alone() {
     // An allowed client holds a session open through all of it.
     let mut keep = Command::new("socat")
         .arg("-")
-        .arg(format!(
-            "openssl-connect:127.0.0.1:{port},cert={},cafile={}",
-            good.join("good.pem").display(),
-            ca.display()
-        ))
+        .arg(socat_tls_address(port, &good, "good"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -200,48 +192,25 @@ fn every_refusal_case_is_refused_logged_and_leaves_allowed_clients_alone() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("re-read the PKI"));
 
-    let pem = |dir: &Path, n: &str| [dir.join(format!("{n}.crt")), dir.join(format!("{n}.key"))];
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
         ("no client certificate", vec![], "no certificates"),
         (
             "certificate of another CA",
-            vec![
-                "-cert".into(),
-                foreign.join("c.crt").display().to_string(),
-                "-key".into(),
-                foreign.join("c.key").display().to_string(),
-            ],
+            cert_args(&foreign, "c"),
             "UnknownIssuer",
         ),
         (
             "revoked certificate",
-            {
-                let [c, k] = pem(&revoked, "gone");
-                vec![
-                    "-cert".into(),
-                    c.display().to_string(),
-                    "-key".into(),
-                    k.display().to_string(),
-                ]
-            },
+            cert_args(&revoked, "gone"),
             "revoked",
         ),
         (
             "certificate for another module",
-            {
-                let [c, k] = pem(&other_module, "elsewhere");
-                vec![
-                    "-cert".into(),
-                    c.display().to_string(),
-                    "-key".into(),
-                    k.display().to_string(),
-                ]
-            },
+            cert_args(&other_module, "elsewhere"),
             "does not grant module",
         ),
     ];
     for (what, args, logged) in cases {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (got, err) = s_client(port, &ca, &args, &GET_ID);
         assert!(
             got.is_empty(),
@@ -282,13 +251,7 @@ fn every_refusal_case_is_refused_logged_and_leaves_allowed_clients_alone() {
     wait_until("kept session closed", || {
         (d.module(AO4).unwrap()["clients"] == 0).then_some(())
     });
-    let [c, k] = pem(&good, "good");
-    let (got, err) = s_client(
-        port,
-        &ca,
-        &["-cert", c.to_str().unwrap(), "-key", k.to_str().unwrap()],
-        &GET_ID,
-    );
+    let (got, err) = s_client(port, &ca, &cert_args(&good, "good"), &GET_ID);
     assert_eq!(got, get_id_answer(AO4), "{err}");
 }
 
@@ -299,7 +262,7 @@ fn expired_client_certificates_are_refused() {
     let link = link_dir.path().join("lio0");
     let _emu = Emulator::start(&link, "AO4", AO4);
     let mut d = Daemon::start(
-        43000,
+        port_block(),
         &format!("{}[relay]\n", static_device(&link, AO4)),
         None,
     );
@@ -314,17 +277,7 @@ fn expired_client_certificates_are_refused() {
     d.restart(None);
     unsafe { std::env::remove_var(lucidgate::clock::CLOCK_OFFSET_ENV) };
     let port = d.wait_serving(AO4);
-    let (got, err) = s_client(
-        port,
-        &old.join("ca.crt"),
-        &[
-            "-cert",
-            old.join("old.crt").to_str().unwrap(),
-            "-key",
-            old.join("old.key").to_str().unwrap(),
-        ],
-        &GET_ID,
-    );
+    let (got, err) = s_client(port, &old.join("ca.crt"), &cert_args(&old, "old"), &GET_ID);
     assert!(got.is_empty(), "expired certificate got an answer; {err}");
     wait_until("expiry logged", || {
         d.log()
@@ -342,7 +295,7 @@ fn expired_client_certificates_are_refused() {
 fn server_certificate_rotates_under_load_without_dropping_a_frame() {
     // A 6 s server certificate is renewed after 4 s; a client exchanging frames every few ms
     // across the swap sees no error, and a new connection sees the new certificate.
-    let (d, _emu, port) = tls_daemon(44000, "[tls]\nserver_cert_lifetime = \"6s\"\n");
+    let (d, _emu, port) = tls_daemon(port_block(), "[tls]\nserver_cert_lifetime = \"6s\"\n");
     let c = issue_client(&d, "load", &["--all"]);
     let ca = c.join("ca.crt");
     let before = presented_serial(port, &ca);
@@ -353,11 +306,7 @@ fn server_certificate_rotates_under_load_without_dropping_a_frame() {
 
     let mut child = Command::new("socat")
         .arg("-")
-        .arg(format!(
-            "openssl-connect:127.0.0.1:{port},cert={},cafile={}",
-            c.join("load.pem").display(),
-            ca.display()
-        ))
+        .arg(socat_tls_address(port, &c, "load"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -392,7 +341,7 @@ fn server_certificate_rotates_under_load_without_dropping_a_frame() {
 
 #[test]
 fn ca_rotation_accepts_both_cas_during_the_overlap_and_only_the_new_one_after() {
-    let (d, _emu, port) = tls_daemon(45000, "");
+    let (d, _emu, port) = tls_daemon(port_block(), "");
     let old = issue_client(&d, "old", &["--all"]);
     let o = d.cli(&["cert", "rotate-ca", "--overlap", "10s"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -404,19 +353,7 @@ fn ca_rotation_accepts_both_cas_during_the_overlap_and_only_the_new_one_after() 
     );
     // During the overlap: both are accepted (each verifies the server with the new CA).
     let new_ca = new.join("ca.crt");
-    let ask = |dir: &Path, name: &str| {
-        s_client(
-            port,
-            &new_ca,
-            &[
-                "-cert",
-                dir.join(format!("{name}.crt")).to_str().unwrap(),
-                "-key",
-                dir.join(format!("{name}.key")).to_str().unwrap(),
-            ],
-            &GET_ID,
-        )
-    };
+    let ask = |dir: &Path, name: &str| s_client(port, &new_ca, &cert_args(dir, name), &GET_ID);
     assert_eq!(
         ask(&old, "old").0,
         get_id_answer(AO4),
@@ -444,7 +381,7 @@ fn ca_rotation_accepts_both_cas_during_the_overlap_and_only_the_new_one_after() 
 
 #[test]
 fn restart_keeps_the_ca_and_a_broken_key_is_a_clear_error() {
-    let (mut d, _emu, port) = tls_daemon(46000, "");
+    let (mut d, _emu, port) = tls_daemon(port_block(), "");
     let c = issue_client(&d, "keep", &["--all"]);
     let ca_before = std::fs::read(d.dir.path().join("state/pki/ca.crt")).unwrap();
     assert!(d.stop().success());
@@ -505,7 +442,7 @@ fn plain_and_server_only_tls_are_opt_in_and_warned_about() {
         static_device(&l1, AO4),
         static_device(&l2, "11001001FA480001")
     );
-    let d = Daemon::start(47000, &extra, None);
+    let d = Daemon::start(port_block(), &extra, None);
     let p1 = d.wait_serving(AO4);
     let p2 = d.wait_serving("11001001FA480001");
     assert_eq!(socat_exchange(p1, &GET_ID), get_id_answer(AO4));

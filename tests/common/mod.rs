@@ -4,9 +4,12 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lucidgate::protocol::Answer;
@@ -46,6 +49,93 @@ pub fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         assert!(start.elapsed() < PATIENCE, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+// TCP ports. No test names a port number: a daemon's `[ports]` range comes from
+// [`port_block`], any other port a test listens on or configures from [`free_port`]. Both hand
+// out a slot of their region that no other test of this process and no other test process
+// running at the same time holds, and whose ports were all free on 127.0.0.1 when it was taken.
+//
+// A slot is claimed with a guard: a listener on the port right after the slot's own ports,
+// kept until the process exits (the kernel closes it also when the process crashes). Another
+// process cannot bind the guard, so it skips the slot: no lock files, nothing to clean up. The
+// guard port is in no slot, so no daemon ever needs it. The slot's own ports are checked by
+// binding each once (1000 binds take milliseconds) and are handed out unbound, for the daemon
+// to bind. Unlike binding port 0 and passing the number on, no other test can be given the
+// same port in between; only an unrelated program could take it.
+
+/// `[ports] span` of every test daemon (see [`Daemon::rewrite_config`]): a block from
+/// [`port_block`] is this many ports from its base.
+pub const PORT_SPAN: u16 = 1000;
+
+/// Where [`port_block`] takes daemon blocks from: slots of `PORT_SPAN` ports plus a guard port.
+/// Above [`DEFAULT_PORTS`], below [`EPHEMERAL_FLOOR`]: 27 slots.
+pub const BLOCK_PORTS: Range<u16> = 5_000..EPHEMERAL_FLOOR;
+
+/// Where [`free_port`] takes single ports from: slots of one port plus a guard port (500).
+/// Below [`DEFAULT_PORTS`] and away from the privileged ports (< 1024).
+pub const SINGLE_PORTS: Range<u16> = 3_000..DEFAULT_PORTS.start;
+
+/// Ports never handed out: lucidgate's default `[ports]` (base 4000, span 1000). The README
+/// demo test (`migrate.rs`) serves on 4216 with the default config, and a lucidgate installed
+/// on the machine would serve there too.
+pub const DEFAULT_PORTS: Range<u16> = 4_000..5_000;
+
+/// Start of Linux's default ephemeral range (`net.ipv4.ip_local_port_range`, 32768..60999):
+/// the kernel picks the local port of a client socket from there, so a port the tests hand
+/// out below it is never also taken by some connection's client end.
+pub const EPHEMERAL_FLOOR: u16 = 32_768;
+
+const _: () = assert!(
+    SINGLE_PORTS.start >= 1024
+        && SINGLE_PORTS.end <= DEFAULT_PORTS.start
+        && BLOCK_PORTS.start >= DEFAULT_PORTS.end
+        && BLOCK_PORTS.end <= EPHEMERAL_FLOOR
+);
+
+/// Guards of the slots this process holds (see above); never released.
+static GUARDS: Mutex<Vec<TcpListener>> = Mutex::new(Vec::new());
+/// How many block / single slots this process has tried so far.
+static BLOCKS_TRIED: AtomicUsize = AtomicUsize::new(0);
+static SINGLES_TRIED: AtomicUsize = AtomicUsize::new(0);
+
+/// The base of a free range of [`PORT_SPAN`] ports for a daemon's `[ports] base`; any port
+/// in `base..base + PORT_SPAN` may also be given to that daemon as a fixed port.
+pub fn port_block() -> u16 {
+    claim_slot(BLOCK_PORTS, PORT_SPAN, &BLOCKS_TRIED)
+}
+
+/// A free port for a single listener (a fixed module port, the metrics endpoint, ...).
+pub fn free_port() -> u16 {
+    claim_slot(SINGLE_PORTS, 1, &SINGLES_TRIED)
+}
+
+/// Claims the next slot of `width` ports (and a guard port after them) in `region` that is
+/// free; returns its first port. Processes start at different slots (by process id) so that
+/// test processes running side by side rarely even try the same one.
+fn claim_slot(region: Range<u16>, width: u16, tried: &AtomicUsize) -> u16 {
+    let stride = width as usize + 1;
+    let slots = region.len() / stride;
+    let first = std::process::id() as usize;
+    let free = |p: u16| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok();
+    for _ in 0..slots {
+        let slot = (first + tried.fetch_add(1, Ordering::Relaxed)) % slots;
+        let base = region.start + (slot * stride) as u16;
+        let guard = base + width;
+        // Held by another test process (or by this one), or used by something else.
+        let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, guard)) else {
+            continue;
+        };
+        if (base..guard).all(free) {
+            GUARDS.lock().unwrap().push(listener);
+            return base;
+        }
+    }
+    panic!(
+        "no free slot of {width} port(s) left in {region:?} on 127.0.0.1: this process holds \
+         {} slots, the rest are held by test processes running at the same time or in use",
+        GUARDS.lock().unwrap().len()
+    );
 }
 
 /// A running `lucidgate serve` with its own config, state dir and control socket.
@@ -109,7 +199,7 @@ impl Daemon {
         std::fs::write(
             &self.config,
             format!(
-                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra}\n[ports]\nbase = {}\nspan = 1000\n{}{}",
+                "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n{extra}\n[ports]\nbase = {}\nspan = {PORT_SPAN}\n{}{}",
                 state.display(),
                 sock.display(),
                 self.base,
@@ -584,11 +674,7 @@ pub fn issue_client(d: &Daemon, name: &str, args: &[&str]) -> PathBuf {
 /// of the vendor article, with TLS); returns what came back.
 pub fn socat_tls(port: u16, dir: &Path, name: &str, req: &[u8]) -> Vec<u8> {
     require_tool("socat");
-    let addr = format!(
-        "openssl-connect:127.0.0.1:{port},cert={},cafile={},verify=1",
-        dir.join(format!("{name}.pem")).display(),
-        dir.join("ca.crt").display()
-    );
+    let addr = format!("{},verify=1", socat_tls_address(port, dir, name));
     let mut child = Command::new("socat")
         .args(["-t", "2", "-", &addr])
         .stdin(Stdio::piped())
@@ -600,9 +686,32 @@ pub fn socat_tls(port: u16, dir: &Path, name: &str, req: &[u8]) -> Vec<u8> {
     child.wait_with_output().unwrap().stdout
 }
 
-/// One request through `openssl s_client -quiet` with the given extra arguments (e.g. -cert,
-/// -key); returns (bytes received, stderr).
-pub fn s_client(port: u16, ca: &Path, extra: &[&str], req: &[u8]) -> (Vec<u8>, String) {
+/// socat's address of a TLS connection to `port` on loopback that presents the client
+/// certificate NAME of `dir` (NAME.pem, key and certificate) and verifies the server with
+/// `dir`'s `ca.crt`, as in a directory made by [`issue_client`].
+pub fn socat_tls_address(port: u16, dir: &Path, name: &str) -> String {
+    format!(
+        "openssl-connect:127.0.0.1:{port},cert={},cafile={}",
+        dir.join(format!("{name}.pem")).display(),
+        dir.join("ca.crt").display()
+    )
+}
+
+/// The `openssl s_client` arguments that present the client certificate NAME of `dir`:
+/// `-cert dir/NAME.crt -key dir/NAME.key` (as in a directory made by [`issue_client`]).
+pub fn cert_args(dir: &Path, name: &str) -> Vec<String> {
+    let file = |ext: &str| dir.join(format!("{name}.{ext}")).display().to_string();
+    vec!["-cert".into(), file("crt"), "-key".into(), file("key")]
+}
+
+/// One request through `openssl s_client -quiet` with the given extra arguments (e.g.
+/// [`cert_args`]); returns (bytes received, stderr).
+pub fn s_client(
+    port: u16,
+    ca: &Path,
+    extra: &[impl AsRef<std::ffi::OsStr>],
+    req: &[u8],
+) -> (Vec<u8>, String) {
     require_tool("openssl");
     let mut child = Command::new("timeout")
         .args([
