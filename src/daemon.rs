@@ -22,7 +22,7 @@ use crate::ports::Registry;
 use crate::state;
 use crate::supervisor::{ConfigSource, PkiHandle, Supervisor};
 use crate::systemd::Lifecycle;
-use crate::tls::TlsState;
+use crate::transport::tls::TlsState;
 
 /// Queue between the udev thread and the supervisor.
 const WATCH_QUEUE: usize = 256;

@@ -3,7 +3,7 @@
 //! `lucidgate serve` watches udev and serves each module on a TCP port derived from its serial
 //! number. The data flow is one way: [`device`] turns udev events into owned events, the
 //! [`supervisor`] reconciles them into running [`relay`]s on ports from [`ports`], each
-//! relay talking to its clients through a [`transport`] (plain or [`tls`], with
+//! relay talking to its clients through a [`transport`] (plain or [`transport::tls`], with
 //! certificates from the built-in CA in [`ca`]). [`control`] answers `status`; relays announce
 //! themselves by mDNS through [`discovery`].
 //! [`attach`] is the client side: a local serial port that reconnects by itself.
@@ -32,5 +32,4 @@ pub mod relay;
 pub mod state;
 pub mod supervisor;
 pub mod systemd;
-pub mod tls;
 pub mod transport;

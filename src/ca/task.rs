@@ -14,7 +14,7 @@ use tracing::{error, info};
 
 use crate::ca::{Pki, PkiSettings};
 use crate::clock::SharedClock;
-use crate::tls::TlsState;
+use crate::transport::tls::TlsState;
 
 /// How often the PKI looks at the device's addresses (a changed address gets a new server cert).
 pub const PKI_ADDRESS_CHECK: Duration = Duration::from_secs(60);

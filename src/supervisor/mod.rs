@@ -32,8 +32,8 @@ use crate::device::{Action, DeviceEvent, Matcher, ModuleInfo, SerialSource};
 use crate::ports::{PortSource, Registry};
 use crate::relay::{self, ExitReason, RelayExit, RelayHandle, RelaySpec};
 use crate::systemd::Lifecycle;
-use crate::tls::{TlsAccept, TlsState};
 use crate::transport::Transport;
+use crate::transport::tls::{TlsAccept, TlsState};
 use sticks::Sticks;
 
 /// How often configured `[[device]]` paths are checked for appearing and vanishing.

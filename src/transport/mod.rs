@@ -5,6 +5,8 @@
 //! slots in as another variant, so the relay's pump and client policy never know which one
 //! they talk to.
 
+pub mod tls;
+
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::config::TransportKind;
-use crate::tls::TlsAccept;
+use tls::TlsAccept;
 
 /// A connected client's byte stream, whatever the transport.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -69,7 +71,7 @@ impl TransportError {
 pub enum Transport {
     /// Raw bytes over TCP.
     Plain,
-    /// TLS (with or without client certificates), see [`crate::tls`].
+    /// TLS (with or without client certificates), see [`tls`].
     Tls(TlsAccept),
 }
 

@@ -20,9 +20,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+use super::{Accepted, TransportError};
 use crate::ca::{Material, rights};
 use crate::clock::{RustlsTime, SharedClock};
-use crate::transport::{Accepted, TransportError};
 
 /// The TLS state every relay shares.
 pub struct TlsState {
