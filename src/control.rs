@@ -1,18 +1,23 @@
 //! The control socket: a unix stream socket (0660) where `lucidgate status` (and later
 //! `reload`) ask the running daemon. One JSON request line, one JSON answer line.
+//!
+//! This module alone owns the socket file: [`bind`] creates it (replacing a stale one) and sets
+//! its mode, and it is removed when the [`ControlSocket`] is dropped, which the server does when
+//! it stops. Connections are taken in by the bounded accept loop of `accept.rs`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::accept::{self, ConnectionLimit};
 
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 4096;
@@ -82,9 +87,34 @@ pub struct Request {
     pub reply: oneshot::Sender<serde_json::Value>,
 }
 
-/// Binds the control socket. A stale socket file (no daemon behind it) is replaced; a live one
-/// means another lucidgate is running, which is an error.
-pub async fn bind(path: &Path) -> Result<UnixListener> {
+/// The bound control socket: its listener and its file. The file lives as long as the
+/// listener: it is removed when the server stops (or when the socket is dropped unserved, e.g.
+/// the daemon fails to start after binding it), and by nothing else.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        // While the listener is still open (fields drop after this): a daemon starting now finds
+        // our socket live (and stops) or no file at all; never a stale file it would replace and
+        // then lose to this removal.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl accept::Listener for ControlSocket {
+    type Stream = UnixStream;
+    type Peer = tokio::net::unix::SocketAddr;
+    fn accept(&self) -> impl Future<Output = std::io::Result<(UnixStream, Self::Peer)>> + Send {
+        self.listener.accept()
+    }
+}
+
+/// Binds the control socket (0660). A stale socket file (no daemon behind it) is replaced; a
+/// live one means another lucidgate is running, which is an error.
+pub async fn bind(path: &Path) -> Result<ControlSocket> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
@@ -103,54 +133,38 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale control socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding control socket {}", path.display()))?;
+    let socket = ControlSocket {
+        listener: UnixListener::bind(path)
+            .with_context(|| format!("binding control socket {}", path.display()))?,
+        path: path.to_path_buf(),
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod 0660 {}", path.display()))?;
-    Ok(listener)
+    Ok(socket)
 }
 
-/// Serves control clients until `cancel`; removes the socket file when it stops.
+/// Serves control clients until `cancel`, at most `max_clients` at once, each within
+/// [`CONTROL_TIMEOUT`]; the socket file is removed when it stops.
 pub fn spawn_server(
-    listener: UnixListener,
-    path: PathBuf,
+    socket: ControlSocket,
     to_supervisor: mpsc::Sender<Request>,
     max_clients: usize,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let t = tracker.clone();
-    tracker.spawn(async move {
-        let permits = Arc::new(Semaphore::new(max_clients));
-        loop {
-            let permit = tokio::select! {
-                _ = cancel.cancelled() => break,
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
-            let stream = tokio::select! {
-                _ = cancel.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        tracing::warn!("control socket accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let tx = to_supervisor.clone();
-            t.spawn(async move {
-                let _permit = permit;
-                if let Err(e) = tokio::time::timeout(CONTROL_TIMEOUT, handle(stream, tx)).await {
-                    tracing::debug!("control client timed out: {e}");
-                }
-            });
-        }
-        let _ = std::fs::remove_file(&path);
-    });
+    accept::spawn_bounded(
+        "control socket",
+        socket,
+        ConnectionLimit::new(max_clients),
+        Some(CONTROL_TIMEOUT),
+        cancel,
+        tracker,
+        move |stream, _peer, permit| handle(stream, to_supervisor.clone(), permit),
+    );
 }
 
-async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>) {
+/// Serves one control client; `_permit` counts it against the limit until it is done.
+async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>, _permit: OwnedSemaphorePermit) {
     let (rd, mut wr) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(rd).take(MAX_REQUEST_BYTES as u64 + 1);

@@ -58,14 +58,14 @@ pub async fn serve(
     }
     let tracker = TaskTracker::new();
 
-    let listener = control::bind(&config.control_socket).await?;
+    let control_socket = control::bind(&config.control_socket).await?;
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     if let Some(addr) = config.metrics.listen {
         crate::openmetrics::spawn(addr, control_tx.clone(), cancel.clone(), &tracker).await?;
     }
+    // The control server removes the socket file when it stops (see control::ControlSocket).
     control::spawn_server(
-        listener,
-        config.control_socket.clone(),
+        control_socket,
         control_tx,
         config.limits.max_control_clients,
         cancel.clone(),
@@ -161,7 +161,6 @@ pub async fn serve(
         // Goodbye packets, so browsers forget the modules now rather than after the TTL.
         tokio::task::spawn_blocking(move || a.shutdown()).await.ok();
     }
-    let _ = std::fs::remove_file(&config.control_socket);
     info!("stopped");
     result
 }

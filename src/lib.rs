@@ -9,6 +9,7 @@
 //! [`attach`] is the client side: a local serial port that reconnects by itself.
 //! [`emulator`] is a module on a pty, for tests, the benchmark and `lucidgate emulate`.
 
+mod accept;
 pub mod attach;
 pub mod ca;
 pub mod cli;

@@ -7,17 +7,17 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::accept::{self, ConnectionLimit};
 use crate::control::{Command, Request, StatusReport};
 
 /// Largest request head read (a scraper sends a few hundred bytes).
@@ -46,36 +46,20 @@ pub async fn spawn(
         event = "metrics-listening",
         "OpenMetrics on http://{addr}/metrics"
     );
-    let t = tracker.clone();
-    tracker.spawn(async move {
-        let permits = Arc::new(Semaphore::new(MAX_SCRAPES));
-        loop {
-            let permit = tokio::select! {
-                _ = cancel.cancelled() => break,
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
-            let stream = tokio::select! {
-                _ = cancel.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        warn!("metrics endpoint accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let tx = to_supervisor.clone();
-            t.spawn(async move {
-                let _permit = permit;
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, tx)).await;
-            });
-        }
-    });
+    accept::spawn_bounded(
+        "metrics endpoint",
+        listener,
+        ConnectionLimit::new(MAX_SCRAPES),
+        Some(REQUEST_TIMEOUT),
+        cancel,
+        tracker,
+        move |stream, _peer, permit| handle(stream, to_supervisor.clone(), permit),
+    );
     Ok(())
 }
 
-async fn handle(mut stream: TcpStream, tx: mpsc::Sender<Request>) {
+/// Serves one scrape; `_permit` counts it against [`MAX_SCRAPES`] until it is done.
+async fn handle(mut stream: TcpStream, tx: mpsc::Sender<Request>, _permit: OwnedSemaphorePermit) {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {

@@ -1,9 +1,11 @@
 //! Binding a module's listeners and the accept loop that feeds its relay.
 //!
 //! Listeners are bound synchronously by the supervisor (so a busy port is known at once and can
-//! be probed away from), then handed to the relay. The accept loop takes a permit from a
-//! semaphore *before* accepting (as mini-redis does), so a connection flood waits in the
-//! kernel's backlog instead of growing memory.
+//! be probed away from), then handed to the relay. The accept loop is the daemon's bounded one
+//! (`crate::accept`): a permit is taken *before* accepting, so a connection flood waits in the
+//! kernel's backlog instead of growing memory; the permit travels with the connection until the
+//! relay decides. What is the relay's own is here: client socket options, the transport
+//! handshake, and the budget of refusal log lines.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -12,17 +14,15 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accept::{self, ConnectionLimit};
 use crate::transport::{Accepted, Transport};
 
 /// Kernel backlog of each listener.
 pub const LISTEN_BACKLOG: i32 = 128;
-/// First pause after a failed accept (e.g. out of file descriptors); doubles up to the max.
-const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Refused connections logged one by one per window and module; beyond that they are counted
 /// and summed up in one line when the window is over (a flood must not flood the journal).
 pub const REFUSAL_LOG_BURST: u32 = 10;
@@ -146,8 +146,9 @@ pub struct AcceptConfig {
     pub handshake_timeout: Duration,
 }
 
-/// Runs one accept loop per listener until `cancel`; connections that pass the transport are
-/// sent to `tx`. Tasks are tracked by `tracker`.
+/// Runs one accept loop per listener until `cancel` (the bounded loop of `crate::accept`, all
+/// listeners sharing one limit of `max_pending`); connections that pass the transport are sent
+/// to `tx`. Tasks are tracked by `tracker`.
 pub fn spawn_acceptors(
     listeners: Vec<std::net::TcpListener>,
     cfg: AcceptConfig,
@@ -155,48 +156,30 @@ pub fn spawn_acceptors(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> io::Result<()> {
-    let permits = Arc::new(Semaphore::new(cfg.max_pending));
+    let limit = ConnectionLimit::new(cfg.max_pending);
     let refusals = Arc::new(RefusalLog::default());
     let mut tokio_listeners = Vec::with_capacity(listeners.len());
     for l in listeners {
         tokio_listeners.push(TcpListener::from_std(l)?);
     }
     for listener in tokio_listeners {
-        let (cfg, tx, cancel, permits, t, refusals) = (
-            cfg.clone(),
-            tx.clone(),
+        let (cfg, tx, conn_cancel, refusals) =
+            (cfg.clone(), tx.clone(), cancel.clone(), refusals.clone());
+        // No time limit here: the transport bounds its handshake, and then the relay decides.
+        accept::spawn_bounded(
+            "module port",
+            listener,
+            limit.clone(),
+            None,
             cancel.clone(),
-            permits.clone(),
-            tracker.clone(),
-            refusals.clone(),
-        );
-        tracker.spawn(async move {
-            let mut backoff = ACCEPT_BACKOFF_START;
-            loop {
-                let permit = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                };
-                let (tcp, peer) = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    r = listener.accept() => match r {
-                        Ok(x) => { backoff = ACCEPT_BACKOFF_START; x }
-                        Err(e) => {
-                            tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
-                            tokio::select! {
-                                _ = cancel.cancelled() => return,
-                                _ = tokio::time::sleep(backoff) => {}
-                            }
-                            backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                            continue;
-                        }
-                    },
-                };
+            tracker,
+            move |tcp, peer, permit| {
                 tune_client(&tcp, cfg.keepalive);
-                let (transport, tx, cancel) = (cfg.transport.clone(), tx.clone(), cancel.clone());
+                let (transport, tx, cancel) =
+                    (cfg.transport.clone(), tx.clone(), conn_cancel.clone());
                 let handshake_timeout = cfg.handshake_timeout;
                 let refusals = refusals.clone();
-                t.spawn(async move {
+                async move {
                     let accepted = tokio::select! {
                         _ = cancel.cancelled() => return,
                         r = transport.accept(tcp, peer, handshake_timeout) => r,
@@ -218,9 +201,9 @@ pub fn spawn_acceptors(
                             }
                         }
                     }
-                });
-            }
-        });
+                }
+            },
+        );
     }
     Ok(())
 }
