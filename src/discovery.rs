@@ -84,10 +84,7 @@ impl Announcer {
             return Ok(None);
         }
         let host = if cfg.hostname.is_empty() {
-            let h = nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .unwrap_or_default();
+            let h = crate::host::name().unwrap_or_default();
             // Only the first label, made DNS-safe.
             let h: String = h
                 .split('.')

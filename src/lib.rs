@@ -22,6 +22,7 @@ pub mod discovery;
 pub mod emulator;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod host;
 pub mod logging;
 pub mod migrate;
 pub mod openmetrics;

@@ -68,7 +68,7 @@ pub(super) fn cert(cfg: &Config, action: CertCmd) -> Result<i32> {
             true
         }
         CertCmd::List => {
-            print!("{}", pki.list()?);
+            print!("{}", list(&pki.inventory()?)?);
             false
         }
         CertCmd::RotateCa { overlap } => {
@@ -93,4 +93,83 @@ pub(super) fn cert(cfg: &Config, action: CertCmd) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `cert list`: the PKI as a person reads it.
+fn list(inv: &crate::ca::Inventory) -> Result<String> {
+    use std::fmt::Write;
+    use std::time::{Duration, SystemTime};
+    let mut out = String::new();
+    let fmt_t = |t: i64| {
+        humantime::format_rfc3339_seconds(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64),
+        )
+        .to_string()
+    };
+    if let Some(ext) = &inv.external {
+        writeln!(
+            out,
+            "external PKI: CA bundle {}, server {} / {}",
+            ext.ca_file.display(),
+            ext.cert_file.display(),
+            ext.key_file.display()
+        )?;
+    } else if let Some((serial, expires)) = &inv.ca {
+        writeln!(
+            out,
+            "CA      serial {serial}  expires {}",
+            humantime::format_rfc3339_seconds(*expires)
+        )?;
+    } else {
+        writeln!(
+            out,
+            "CA      none yet (made on first `lucidgate serve` or `cert issue-client`)"
+        )?;
+    }
+    if let Some((serial, until)) = &inv.previous_ca {
+        writeln!(
+            out,
+            "CA (previous) serial {serial}  trusted until {}",
+            humantime::format_rfc3339_seconds(*until)
+        )?;
+    }
+    if let Some((server, renews)) = &inv.server {
+        writeln!(
+            out,
+            "server  serial {}  expires {}  renews {}",
+            server.serial,
+            humantime::format_rfc3339_seconds(server.not_after),
+            humantime::format_rfc3339_seconds(*renews)
+        )?;
+        writeln!(
+            out,
+            "        names {}",
+            server.names.iter().cloned().collect::<Vec<_>>().join(" ")
+        )?;
+    }
+    writeln!(out, "clients:")?;
+    if inv.clients.is_empty() {
+        writeln!(
+            out,
+            "  none (lucidgate cert issue-client NAME --all --out DIR)"
+        )?;
+    }
+    let now = crate::clock::unix(inv.now);
+    for c in &inv.clients {
+        let state = match c.revoked_at {
+            Some(t) => format!("REVOKED {}", fmt_t(t)),
+            None if c.not_after <= now => "expired".into(),
+            None => "valid".into(),
+        };
+        writeln!(
+            out,
+            "  {:<16} serial {}  expires {}  modules {}{}  {state}",
+            c.name,
+            c.serial,
+            fmt_t(c.not_after),
+            c.modules.join(","),
+            if c.read_only { " read-only" } else { "" }
+        )?;
+    }
+    Ok(out)
 }

@@ -200,10 +200,7 @@ pub fn hostname(cfg: &crate::config::Config) -> String {
     if !cfg.discovery.hostname.is_empty() {
         return cfg.discovery.hostname.clone();
     }
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "lucidgate".into())
+    crate::host::name().unwrap_or_else(|| "lucidgate".into())
 }
 
 fn now_text(dev: &Device) -> String {
