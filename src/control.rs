@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accept::{self, ConnectionLimit};
+use crate::status::StatusReport;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 4096;
@@ -35,56 +36,51 @@ pub enum Command {
     Reload,
 }
 
-/// One module in `status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModuleStatus {
-    pub serial: String,
-    pub serial_source: String,
-    pub model: String,
-    pub vendor: String,
-    pub devnode: String,
-    pub port: Option<u16>,
-    pub port_source: Option<String>,
-    pub transport: String,
-    pub policy: String,
-    pub clients: usize,
-    pub client: Option<String>,
-    /// `serving`, `failed`, `disabled`, `duplicate` or `over-limit`.
-    pub state: String,
-    pub since: Option<String>,
-    pub error: Option<String>,
-    pub sessions: u64,
-    pub refused: u64,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    /// GetId at relay start: `pending`, `ok`, `mismatch` or `failed` (empty when not served).
-    #[serde(default)]
-    pub identity_state: String,
-    /// What GetId said (class, type, firmware, hardware, serial).
-    #[serde(default)]
-    pub identity: Option<crate::relay::identify::ModuleIdentity>,
-    /// What is wrong with the identity, if anything.
-    #[serde(default)]
-    pub identity_error: Option<String>,
-    /// Protocol counters (requests, answers by status, timeouts, refused writes).
-    #[serde(default)]
-    pub metrics: Option<crate::relay::metrics::MetricsSnapshot>,
+/// What the daemon answers; JSON only on the socket ([`Reply::to_json`], [`Reply::from_json`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Status(Box<StatusReport>),
+    /// The config was re-read: what is served now, with notes on what waits for a restart.
+    Reloaded(String),
+    Ok,
+    /// Refused or failed: what the client is told.
+    Refused(String),
 }
 
-/// The answer to `status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub version: String,
-    pub pid: u32,
-    /// Tasks alive in the daemon's runtime (a leak shows as growth across plug cycles).
-    pub tasks: usize,
-    pub modules: Vec<ModuleStatus>,
+impl Reply {
+    /// The wire form: one JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Reply::Status(r) => serde_json::to_value(r).unwrap_or_else(
+                |e| serde_json::json!({ "error": format!("cannot encode the status: {e}") }),
+            ),
+            Reply::Reloaded(summary) => serde_json::json!({ "ok": true, "status": summary }),
+            Reply::Ok => serde_json::json!({ "ok": true }),
+            Reply::Refused(why) => serde_json::json!({ "error": why }),
+        }
+    }
+
+    /// Reads the wire form of the answer to `command`.
+    pub fn from_json(command: &Command, value: serde_json::Value) -> Result<Reply, String> {
+        if let Some(err) = value.get("error").and_then(|e| e.as_str()) {
+            return Ok(Reply::Refused(err.to_string()));
+        }
+        Ok(match command {
+            Command::Status => Reply::Status(Box::new(
+                serde_json::from_value(value).map_err(|e| format!("not a status report: {e}"))?,
+            )),
+            Command::Reload => {
+                Reply::Reloaded(value["status"].as_str().unwrap_or("reloaded").to_string())
+            }
+            Command::ReloadPki => Reply::Ok,
+        })
+    }
 }
 
 /// A request handed to the supervisor, with where to send the answer.
 pub struct Request {
     pub command: Command,
-    pub reply: oneshot::Sender<serde_json::Value>,
+    pub reply: oneshot::Sender<Reply>,
 }
 
 /// The bound control socket: its listener and its file. The file lives as long as the
@@ -168,23 +164,22 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>, _permit: OwnedSem
     let (rd, mut wr) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(rd).take(MAX_REQUEST_BYTES as u64 + 1);
+    let shutting_down = || Reply::Refused("daemon is shutting down".into());
     let answer = match reader.read_until(b'\n', &mut line).await {
-        Err(e) => serde_json::json!({ "error": format!("reading request: {e}") }),
+        Err(e) => Reply::Refused(format!("reading request: {e}")),
         Ok(_) => match parse_request(&line) {
-            Err(e) => serde_json::json!({ "error": e }),
+            Err(e) => Reply::Refused(e),
             Ok(command) => {
                 let (reply, rx) = oneshot::channel();
                 if tx.send(Request { command, reply }).await.is_err() {
-                    serde_json::json!({ "error": "daemon is shutting down" })
+                    shutting_down()
                 } else {
-                    rx.await.unwrap_or_else(
-                        |_| serde_json::json!({ "error": "daemon is shutting down" }),
-                    )
+                    rx.await.unwrap_or_else(|_| shutting_down())
                 }
             }
         },
     };
-    let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+    let mut out = serde_json::to_vec(&answer.to_json()).unwrap_or_default();
     out.push(b'\n');
     let _ = wr.write_all(&out).await;
     let _ = wr.shutdown().await;
@@ -200,8 +195,9 @@ pub fn parse_request(line: &[u8]) -> Result<Command, String> {
         .map_err(|e| format!("bad request: {e}; send one JSON line such as {{\"cmd\":\"status\"}}"))
 }
 
-/// Sends `command` to the daemon at `path` and returns its answer.
-pub async fn ask(path: &Path, command: &Command) -> Result<serde_json::Value> {
+/// Sends `command` to the daemon at `path` and returns its answer; a refusal is an error that
+/// says why.
+pub async fn ask(path: &Path, command: &Command) -> Result<Reply> {
     let stream = match UnixStream::connect(path).await {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -227,10 +223,12 @@ pub async fn ask(path: &Path, command: &Command) -> Result<serde_json::Value> {
         .with_context(|| format!("talking to {}", path.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&line).context("the daemon's answer is not JSON")?;
-    if let Some(err) = value.get("error").and_then(|e| e.as_str()) {
-        anyhow::bail!("the daemon refused the request: {err}");
+    match Reply::from_json(command, value)
+        .map_err(|e| anyhow::anyhow!("the daemon's answer: {e}"))?
+    {
+        Reply::Refused(err) => anyhow::bail!("the daemon refused the request: {err}"),
+        reply => Ok(reply),
     }
-    Ok(value)
 }
 
 /// What to tell a user the socket (or its directory) refuses: it is there, the daemon may well
@@ -259,6 +257,42 @@ fn permission_hint(path: &Path, e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_keep_their_wire_form() {
+        let report = StatusReport {
+            version: "0.1.0".into(),
+            pid: 7,
+            tasks: 3,
+            modules: vec![],
+        };
+        let cases = [
+            (Command::Status, Reply::Status(Box::new(report))),
+            (Command::Reload, Reply::Reloaded("1 modules served".into())),
+            (Command::ReloadPki, Reply::Ok),
+            (
+                Command::Reload,
+                Reply::Refused("reload refused: bad".into()),
+            ),
+        ];
+        for (command, reply) in cases {
+            assert_eq!(
+                Reply::from_json(&command, reply.to_json()).unwrap(),
+                reply,
+                "{command:?}"
+            );
+        }
+        // What clients of the socket (scripts, older CLIs) read.
+        assert_eq!(
+            Reply::Reloaded("s".into()).to_json(),
+            serde_json::json!({ "ok": true, "status": "s" })
+        );
+        assert_eq!(
+            Reply::Refused("no".into()).to_json(),
+            serde_json::json!({ "error": "no" })
+        );
+        assert!(Reply::from_json(&Command::Status, serde_json::json!({ "ok": true })).is_err());
+    }
 
     #[test]
     fn commands_parse_strictly() {

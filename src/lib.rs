@@ -32,6 +32,7 @@ pub mod provision;
 pub mod pty;
 pub mod relay;
 pub mod state;
+pub mod status;
 pub mod supervisor;
 pub mod systemd;
 pub mod transport;

@@ -18,7 +18,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::accept::{self, ConnectionLimit};
-use crate::control::{Command, Request, StatusReport};
+use crate::control::{Command, Reply, Request};
+use crate::status::{ModuleStatus, StatusReport};
 
 /// Largest request head read (a scraper sends a few hundred bytes).
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -102,9 +103,10 @@ async fn handle(mut stream: TcpStream, tx: mpsc::Sender<Request>, _permit: Owned
         .await
         .is_ok()
     {
-        rx.await
-            .ok()
-            .and_then(|v| serde_json::from_value::<StatusReport>(v).ok())
+        match rx.await {
+            Ok(Reply::Status(report)) => Some(*report),
+            _ => None,
+        }
     } else {
         None
     };
@@ -158,7 +160,7 @@ pub fn render(s: &StatusReport) -> String {
             let _ = writeln!(out, "lucidgate_{name}{suffix}{{{labels}}} {v}");
         }
     };
-    let module = |m: &crate::control::ModuleStatus| {
+    let module = |m: &ModuleStatus| {
         let class = m
             .identity
             .as_ref()
@@ -172,11 +174,10 @@ pub fn render(s: &StatusReport) -> String {
         )
     };
     let served: Vec<_> = s.modules.iter().filter(|m| m.state == "serving").collect();
-    let each = |f: &dyn Fn(&crate::control::ModuleStatus) -> u64| -> Vec<(String, u64)> {
+    let each = |f: &dyn Fn(&ModuleStatus) -> u64| -> Vec<(String, u64)> {
         served.iter().map(|m| (module(m), f(m))).collect()
     };
-    let metric = |m: &crate::control::ModuleStatus,
-                  f: &dyn Fn(&crate::relay::metrics::MetricsSnapshot) -> u64| {
+    let metric = |m: &ModuleStatus, f: &dyn Fn(&crate::relay::metrics::MetricsSnapshot) -> u64| {
         m.metrics.as_ref().map(f).unwrap_or(0)
     };
     family(

@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 
-use super::{CertCmd, runtime};
+use super::{CertCmd, tell_daemon};
 use crate::config::{self, Config};
-use crate::control::{self, Command};
+use crate::control::Command;
 
 pub(super) fn cert(cfg: &Config, action: CertCmd) -> Result<i32> {
     let clock = crate::clock::SystemClock::from_env();
@@ -83,14 +83,14 @@ pub(super) fn cert(cfg: &Config, action: CertCmd) -> Result<i32> {
         }
     };
     drop(pki);
-    if changed && cfg.control_socket.exists() {
-        // Tell a running daemon; it also notices by itself at its next PKI check.
-        match runtime()?.block_on(control::ask(&cfg.control_socket, &Command::ReloadPki)) {
-            Ok(_) => eprintln!("the running daemon re-read the PKI"),
-            Err(e) => eprintln!(
-                "note: could not tell the daemon ({e:#}); it picks the change up at its next PKI check"
-            ),
-        }
+    if changed {
+        // A running daemon also notices by itself at its next PKI check.
+        tell_daemon(
+            &cfg.control_socket,
+            Command::ReloadPki,
+            "the PKI",
+            "it picks the change up at its next PKI check",
+        )?;
     }
     Ok(0)
 }

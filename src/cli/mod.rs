@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
+use crate::control::Command;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -332,4 +333,16 @@ fn describe_config_path(path: &Path) -> String {
     } else {
         format!("{} not found: built-in defaults", path.display())
     }
+}
+
+/// Tells a running daemon (if its socket is there) that `what` changed; says whether it heard.
+fn tell_daemon(socket: &Path, command: Command, what: &str, otherwise: &str) -> Result<()> {
+    if !socket.exists() {
+        return Ok(());
+    }
+    match runtime()?.block_on(crate::control::ask(socket, &command)) {
+        Ok(_) => eprintln!("the running daemon re-read {what}"),
+        Err(e) => eprintln!("note: could not tell the daemon ({e:#}); {otherwise}"),
+    }
+    Ok(())
 }

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use super::{ProvisionCmd, load_config, runtime};
-use crate::control::{self, Command, StatusReport};
+use super::{ProvisionCmd, load_config, runtime, tell_daemon};
+use crate::control::{self, Command, Reply};
 
 pub(super) fn provision(
     config: &Option<PathBuf>,
@@ -38,14 +38,12 @@ pub(super) fn provision(
                     "put it into the stick's lucidgate/request.toml as token = \"{token}\"; it is not stored anywhere in clear"
                 );
             }
-            if cfg.control_socket.exists() {
-                match runtime()?.block_on(control::ask(&cfg.control_socket, &Command::Reload)) {
-                    Ok(_) => eprintln!("the running daemon re-read the config"),
-                    Err(e) => {
-                        eprintln!("note: could not tell the daemon ({e:#}); run `lucidgate reload`")
-                    }
-                }
-            }
+            tell_daemon(
+                &cfg.control_socket,
+                Command::Reload,
+                "the config",
+                "run `lucidgate reload`",
+            )?;
             Ok(0)
         }
         (Some(path), None) => {
@@ -55,7 +53,10 @@ pub(super) fn provision(
                 runtime()?
                     .block_on(control::ask(&cfg.control_socket, &Command::Status))
                     .ok()
-                    .and_then(|v| serde_json::from_value::<StatusReport>(v).ok())
+                    .and_then(|reply| match reply {
+                        Reply::Status(r) => Some(r),
+                        _ => None,
+                    })
                     .map(|r| {
                         r.modules
                             .into_iter()
@@ -96,8 +97,13 @@ pub(super) fn provision(
             if !out.result_written {
                 println!("  (no result file could be written on the stick)");
             }
-            if out.status == Status::Done && cfg.control_socket.exists() {
-                let _ = runtime()?.block_on(control::ask(&cfg.control_socket, &Command::ReloadPki));
+            if out.status == Status::Done {
+                tell_daemon(
+                    &cfg.control_socket,
+                    Command::ReloadPki,
+                    "the PKI",
+                    "it picks the change up at its next PKI check",
+                )?;
             }
             Ok(match out.status {
                 Status::Done | Status::Duplicate => 0,

@@ -3,35 +3,41 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::{load_config, runtime};
-use crate::control::{self, Command, StatusReport};
+use crate::control::{self, Command, Reply};
+use crate::status::StatusReport;
 
 pub(super) fn reload(config: &Option<PathBuf>, socket: Option<PathBuf>) -> Result<i32> {
-    let socket = match socket {
-        Some(s) => s,
-        None => load_config(config)?.0.control_socket,
-    };
-    let v = runtime()?.block_on(control::ask(&socket, &Command::Reload))?;
-    println!("{}", v["status"].as_str().unwrap_or("reloaded"));
+    let socket = socket_of(config, socket)?;
+    match runtime()?.block_on(control::ask(&socket, &Command::Reload))? {
+        Reply::Reloaded(summary) => println!("{summary}"),
+        other => anyhow::bail!("unexpected answer to reload: {other:?}"),
+    }
     Ok(0)
 }
 
 pub(super) fn status(config: &Option<PathBuf>, json: bool, socket: Option<PathBuf>) -> Result<i32> {
-    let socket = match socket {
-        Some(s) => s,
-        None => load_config(config)?.0.control_socket,
+    let socket = socket_of(config, socket)?;
+    let Reply::Status(report) = runtime()?.block_on(control::ask(&socket, &Command::Status))?
+    else {
+        anyhow::bail!("the daemon did not answer with a status report");
     };
-    let value = runtime()?.block_on(control::ask(&socket, &Command::Status))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        let report: StatusReport =
-            serde_json::from_value(value).context("reading the daemon's status")?;
         print!("{}", status_table(&report));
     }
     Ok(0)
+}
+
+/// `--socket`, else the control socket of the config.
+fn socket_of(config: &Option<PathBuf>, socket: Option<PathBuf>) -> Result<PathBuf> {
+    Ok(match socket {
+        Some(s) => s,
+        None => load_config(config)?.0.control_socket,
+    })
 }
 
 /// The human-readable status table.

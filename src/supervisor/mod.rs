@@ -26,7 +26,7 @@ use tracing::{error, info, warn};
 use crate::ca::PkiSettings;
 use crate::clock::SharedClock;
 use crate::config::{Config, StaticDevice, TransportKind};
-use crate::control::{self, Command};
+use crate::control::{self, Command, Reply};
 use crate::device::watch::WatchMsg;
 use crate::device::{Action, DeviceEvent, Matcher, ModuleInfo, SerialSource};
 use crate::ports::{PortSource, Registry};
@@ -499,15 +499,15 @@ impl Supervisor {
                 }
                 Some(req) = control_rx.recv() => {
                     let answer = match req.command {
-                        Command::Status => serde_json::to_value(self.status()).unwrap_or_default(),
+                        Command::Status => Reply::Status(Box::new(self.status())),
                         Command::ReloadPki => {
                             // `provision` may have installed an operator PKI: settings first.
                             self.refresh_pki_settings();
-                            serde_json::json!({ "ok": true })
+                            Reply::Ok
                         }
                         Command::Reload => match self.reload(lifecycle).await {
-                            Ok(summary) => serde_json::json!({ "ok": true, "status": summary }),
-                            Err(e) => serde_json::json!({ "error": format!("reload refused: {e}") }),
+                            Ok(summary) => Reply::Reloaded(summary),
+                            Err(e) => Reply::Refused(format!("reload refused: {e}")),
                         },
                     };
                     let _ = req.reply.send(answer);

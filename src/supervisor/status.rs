@@ -2,7 +2,7 @@
 //! relays' live counters (answered on the control socket, read by `lucidgate status`).
 
 use super::Supervisor;
-use crate::control::{ModuleStatus, StatusReport};
+use crate::status::{ModuleStatus, StatusReport};
 
 impl Supervisor {
     /// The status of every present module.
