@@ -199,7 +199,7 @@ impl Session {
     async fn connect(&self) -> Result<Box<dyn ClientStream>, String> {
         let mut stream = self.connector.connect(&self.target).await?;
         if let Some(want) = &self.target.serial {
-            let got = tokio::time::timeout(IDENTITY_TIMEOUT, identify(&mut stream))
+            let got = tokio::time::timeout(IDENTITY_TIMEOUT, ask_serial(&mut stream))
                 .await
                 .map_err(|_| {
                     format!(
@@ -308,7 +308,7 @@ impl Session {
 }
 
 /// Sends GetId and returns the module's serial.
-async fn identify(stream: &mut Box<dyn ClientStream>) -> Result<String, String> {
+async fn ask_serial(stream: &mut Box<dyn ClientStream>) -> Result<String, String> {
     stream
         .write_all(&[opcode::GET_ID, 0, 0, 0])
         .await

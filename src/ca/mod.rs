@@ -289,7 +289,7 @@ mod tests {
         };
         let b = pki.issue_client("dash", &rights, 365).unwrap();
         let der = CertificateDer::from_pem_slice(b.cert_pem.as_bytes()).unwrap();
-        let id = rights::identify(&der).unwrap();
+        let id = rights::client_identity(&der).unwrap();
         assert_eq!(id.name, "dash");
         assert_eq!(id.rights, rights);
         assert_eq!(id.serial, b.serial);

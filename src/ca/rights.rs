@@ -48,7 +48,7 @@ pub struct ClientIdentity {
 }
 
 /// Reads name, serial and rights from a DER certificate.
-pub fn identify(der: &[u8]) -> Result<ClientIdentity, String> {
+pub fn client_identity(der: &[u8]) -> Result<ClientIdentity, String> {
     let (_, cert) =
         parse_x509_certificate(der).map_err(|e| format!("unreadable certificate: {e}"))?;
     let name = cert

@@ -83,7 +83,7 @@ impl Matcher {
 
     /// The module this event describes, or `None` for a device that is not one (wrong
     /// subsystem, not on USB, no device node, no rule matches).
-    pub fn identify(&self, ev: &DeviceEvent) -> Option<ModuleInfo> {
+    pub fn module_of(&self, ev: &DeviceEvent) -> Option<ModuleInfo> {
         if ev.subsystem != "tty" || ev.property("ID_BUS") != Some("usb") {
             return None;
         }
@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn matches_a_lucidcontrol_module() {
-        let m = default_matcher().identify(&ev(&lucid())).unwrap();
+        let m = default_matcher().module_of(&ev(&lucid())).unwrap();
         assert_eq!(m.serial, "11001001FA480000");
         assert_eq!(m.serial_source, SerialSource::Udev);
         assert_eq!(m.model, "LucidIo_AO4");
@@ -177,7 +177,7 @@ mod tests {
     fn model_rule_alone_is_enough() {
         let mut p = lucid();
         p[1] = ("ID_VENDOR", "somebody_else");
-        assert!(default_matcher().identify(&ev(&p)).is_some());
+        assert!(default_matcher().module_of(&ev(&p)).is_some());
     }
 
     #[test]
@@ -188,16 +188,16 @@ mod tests {
             ("ID_MODEL", "FT232R_USB_UART"),
             ("ID_SERIAL_SHORT", "A50285BI"),
         ]);
-        assert!(default_matcher().identify(&ftdi).is_none());
+        assert!(default_matcher().module_of(&ftdi).is_none());
         let mut not_usb = ev(&lucid());
         not_usb.properties.insert("ID_BUS".into(), "pci".into());
-        assert!(default_matcher().identify(&not_usb).is_none());
+        assert!(default_matcher().module_of(&not_usb).is_none());
         let mut block = ev(&lucid());
         block.subsystem = "block".into();
-        assert!(default_matcher().identify(&block).is_none());
+        assert!(default_matcher().module_of(&block).is_none());
         let mut no_node = ev(&lucid());
         no_node.devnode = None;
-        assert!(default_matcher().identify(&no_node).is_none());
+        assert!(default_matcher().module_of(&no_node).is_none());
     }
 
     #[test]
@@ -214,7 +214,7 @@ mod tests {
         .unwrap();
         assert!(
             Matcher::new(&cfg.effective_match_rules())
-                .identify(&ftdi)
+                .module_of(&ftdi)
                 .is_some()
         );
         let cfg = Config::parse(
@@ -224,7 +224,7 @@ mod tests {
         .unwrap();
         assert!(
             Matcher::new(&cfg.effective_match_rules())
-                .identify(&ev(&lucid()))
+                .module_of(&ev(&lucid()))
                 .is_none()
         );
     }
@@ -235,20 +235,20 @@ mod tests {
         p.retain(|(k, _)| *k != "ID_SERIAL_SHORT");
         let mut e = ev(&p);
         e.usb_serial_attr = Some("ABC123 \n".into());
-        let m = default_matcher().identify(&e).unwrap();
+        let m = default_matcher().module_of(&e).unwrap();
         assert_eq!(
             (m.serial.as_str(), m.serial_source),
             ("ABC123", SerialSource::UsbAttribute)
         );
         e.usb_serial_attr = None;
-        let m = default_matcher().identify(&e).unwrap();
+        let m = default_matcher().module_of(&e).unwrap();
         assert_eq!(m.serial, "path-pci-0000:00:14.0-usb-0:1:1.0");
         assert_eq!(m.serial_source, SerialSource::UsbPath);
         // A serial with characters that cannot be a key falls back too.
         e.properties
             .insert("ID_SERIAL_SHORT".into(), "../../etc".into());
         assert_eq!(
-            default_matcher().identify(&e).unwrap().serial_source,
+            default_matcher().module_of(&e).unwrap().serial_source,
             SerialSource::UsbPath
         );
     }

@@ -124,7 +124,7 @@ impl Retry {
 
 /// Asks the module on `dev` for its identity, waiting up to `timeout`. `Err` only when the
 /// port itself fails (the module is gone); a silent or confused module is `Ok(Failed)`.
-pub async fn identify<D>(
+pub async fn ask_identity<D>(
     dev: &mut D,
     usb_serial: &str,
     timeout: Duration,
@@ -196,7 +196,7 @@ mod tests {
         };
         let t = Duration::from_millis(1000);
         let go = CancellationToken::new();
-        let (state, _far) = tokio::join!(identify(&mut near, serial, t, &go, &go), module);
+        let (state, _far) = tokio::join!(ask_identity(&mut near, serial, t, &go, &go), module);
         state.unwrap()
     }
 

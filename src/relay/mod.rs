@@ -3,12 +3,17 @@
 //! The relay owns its serial port and listeners; cancelling its token (or dropping the daemon)
 //! closes clients, listeners and the port. It tells the supervisor how it ended through
 //! [`RelayExit`], so an unplug seen as EIO on the port is handled like a udev remove.
+//!
+//! Here: what a relay is started with ([`RelaySpec`], `RelayParts`), its handle, its
+//! identity and announcement, and `policy = "shared"`. One client at a time (exclusive and
+//! kick-old) is in `session`.
 
 pub mod identify;
 pub mod listen;
 pub mod metrics;
 pub mod module;
 pub mod pump;
+mod session;
 pub mod shared;
 pub mod tty;
 
@@ -19,23 +24,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
-use crate::config::{ClientPolicy, Limits, TransportKind};
+use crate::config::{ClientPolicy, Limits, ModuleSettings, TransportKind};
+use crate::device::ModuleInfo;
 use crate::discovery::{Announcement, Announcer};
 use crate::transport::{Accepted, Transport};
 use listen::{AcceptConfig, Incoming};
-use metrics::{Scan, Side};
 use pump::{SessionEnd, Traffic};
 use tty::Tty;
 
-/// Bytes read from the module while no client is connected are read (so the module never
-/// blocks) and discarded, this many at a time.
-const DRAIN_BUFFER: usize = 256;
 /// How long a closing client gets to take its last bytes (TLS close_notify) before it is cut.
 const CLIENT_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Connections handed from the accept loops to the relay that it has not looked at yet.
@@ -67,15 +69,32 @@ pub struct RelaySpec {
 }
 
 impl RelaySpec {
-    pub fn limits_from(&mut self, limits: &Limits) {
-        self.buffer_bytes = limits.buffer_bytes;
-        self.idle_timeout =
-            (limits.idle_timeout_secs > 0).then(|| Duration::from_secs(limits.idle_timeout_secs));
-        self.keepalive = Duration::from_secs(limits.keepalive_secs);
-        self.max_pending = limits.max_pending_per_module;
-        self.handshake_timeout = Duration::from_millis(limits.handshake_timeout_ms);
-        self.max_clients = limits.max_clients_per_module;
-        self.answer_timeout = Duration::from_millis(limits.answer_timeout_ms);
+    /// The spec of the module `info` describes, with its merged `settings`, the addresses to
+    /// listen on and the daemon's `limits`.
+    pub(crate) fn new(
+        info: &ModuleInfo,
+        settings: &ModuleSettings,
+        listen: &[IpAddr],
+        limits: &Limits,
+    ) -> RelaySpec {
+        RelaySpec {
+            serial: info.serial.clone(),
+            devnode: info.devnode.clone(),
+            fixed_port: settings.fixed_port,
+            listen: listen.to_vec(),
+            baud: settings.baud,
+            policy: settings.policy,
+            transport: settings.transport,
+            identify: settings.identify,
+            buffer_bytes: limits.buffer_bytes,
+            idle_timeout: (limits.idle_timeout_secs > 0)
+                .then(|| Duration::from_secs(limits.idle_timeout_secs)),
+            keepalive: Duration::from_secs(limits.keepalive_secs),
+            max_pending: limits.max_pending_per_module,
+            handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+            max_clients: limits.max_clients_per_module,
+            answer_timeout: Duration::from_millis(limits.answer_timeout_ms),
+        }
     }
 }
 
@@ -151,20 +170,41 @@ impl RelayHandle {
     }
 }
 
+/// What a relay is started with: everything the supervisor prepared for it.
+pub(crate) struct RelayParts {
+    pub spec: RelaySpec,
+    /// The port `listeners` are bound to.
+    pub port: u16,
+    /// Tells this relay's [`RelayExit`] from that of an earlier relay of the same module.
+    pub generation: u64,
+    /// Already bound, one per address of `spec.listen`.
+    pub listeners: Vec<std::net::TcpListener>,
+    /// The module's serial port, already open.
+    pub tty: Tty,
+    pub transport: Transport,
+    /// The relay's own token is a child of this one.
+    pub parent: CancellationToken,
+    /// The relay task is spawned on this tracker.
+    pub tracker: TaskTracker,
+    /// Where the relay says how it ended.
+    pub exits: mpsc::Sender<RelayExit>,
+    pub announcer: Option<Announcer>,
+}
+
 /// Starts a relay on already-bound listeners and an open serial port.
-#[allow(clippy::too_many_arguments)]
-pub fn start(
-    spec: RelaySpec,
-    port: u16,
-    generation: u64,
-    listeners: Vec<std::net::TcpListener>,
-    serial: Tty,
-    transport: Transport,
-    parent: &CancellationToken,
-    tracker: &TaskTracker,
-    exits: mpsc::Sender<RelayExit>,
-    announcer: Option<Announcer>,
-) -> Result<RelayHandle> {
+pub(crate) fn start(parts: RelayParts) -> Result<RelayHandle> {
+    let RelayParts {
+        spec,
+        port,
+        generation,
+        listeners,
+        tty,
+        transport,
+        parent,
+        tracker,
+        exits,
+        announcer,
+    } = parts;
     let cancel = parent.child_token();
     let unplugged = CancellationToken::new();
     let stats = Arc::new(RelayStats::default());
@@ -186,7 +226,7 @@ pub fn start(
     let span = tracing::info_span!("module", module_serial = %spec.serial, port);
     let relay = Relay {
         spec: spec.clone(),
-        serial,
+        tty,
         incoming: rx,
         stats: stats.clone(),
         cancel: cancel.clone(),
@@ -229,7 +269,7 @@ pub fn start(
 
 struct Relay {
     spec: RelaySpec,
-    serial: Tty,
+    tty: Tty,
     incoming: mpsc::Receiver<Incoming>,
     stats: Arc<RelayStats>,
     cancel: CancellationToken,
@@ -260,9 +300,9 @@ impl Relay {
     /// Asks the module who it is: before any client is served (clients queue meanwhile), and
     /// again while no client uses it as long as it has not answered. A stop meanwhile still
     /// reads an answer on its way (see [`module::STOP_GRACE`]).
-    async fn identify(&mut self) -> Result<(), ExitReason> {
-        let state = identify::identify(
-            &mut self.serial,
+    async fn update_identity(&mut self) -> Result<(), ExitReason> {
+        let state = identify::ask_identity(
+            &mut self.tty,
             &self.spec.serial,
             self.spec.answer_timeout,
             &self.cancel,
@@ -278,7 +318,7 @@ impl Relay {
 
     async fn serve(&mut self) -> ExitReason {
         if self.spec.identify
-            && let Err(reason) = self.identify().await
+            && let Err(reason) = self.update_identity().await
         {
             return reason;
         }
@@ -289,44 +329,7 @@ impl Relay {
         if self.spec.policy == ClientPolicy::Shared {
             return self.serve_shared().await;
         }
-        let mut drain = [0u8; DRAIN_BUFFER];
-        let mut next: Option<Incoming> = None;
-        loop {
-            // Idle: wait for a client, keep reading the port so a hang-up is noticed now.
-            let retry_at = self.identity_retry.map(|r| r.at);
-            let incoming = match next.take() {
-                Some(i) => i,
-                None => tokio::select! {
-                    _ = self.cancel.cancelled() => return ExitReason::Stopped,
-                    _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
-                        if let Err(reason) = self.identify().await {
-                            return reason;
-                        }
-                        continue;
-                    }
-                    i = self.incoming.recv() => match i {
-                        Some(i) => i,
-                        None => return ExitReason::Stopped,
-                    },
-                    r = self.serial.read(&mut drain) => match r {
-                        Ok(0) => return ExitReason::DeviceGone("device hung up".into()),
-                        Ok(n) => {
-                            tracing::debug!("discarded {n} bytes from the module: no client connected");
-                            // A device that never stops talking must not starve the other
-                            // modules on this thread: let the I/O driver run between reads.
-                            tokio::task::yield_now().await;
-                            continue;
-                        }
-                        Err(e) => return ExitReason::DeviceGone(e.to_string()),
-                    },
-                },
-            };
-            match self.session(incoming).await {
-                Some(Ok(kicker)) => next = Some(kicker),
-                Some(Err(reason)) => return reason,
-                None => {}
-            }
-        }
+        self.serve_one_at_a_time().await
     }
 
     /// `policy = "shared"`: every client gets a task that parses its requests; the relay
@@ -334,7 +337,7 @@ impl Relay {
     async fn serve_shared(&mut self) -> ExitReason {
         let (ask_tx, mut ask_rx) = mpsc::channel::<shared::Ask>(self.spec.max_clients);
         let module = shared::serve_module(
-            &mut self.serial,
+            &mut self.tty,
             &mut ask_rx,
             &self.cancel,
             &self.unplugged,
@@ -424,197 +427,10 @@ impl Relay {
                             list.remove(i);
                         }
                     }
-                    match end {
-                        SessionEnd::BadFrame(e) => {
-                            warn!(event = "client-disconnected", "client {who} cut off: {e}")
-                        }
-                        SessionEnd::ClientIdle(t) => info!(
-                            event = "client-disconnected",
-                            "client {who} idle for {t:?}; disconnected (limits.idle_timeout_secs)"
-                        ),
-                        SessionEnd::ClientError(e) => {
-                            info!(event = "client-disconnected", "client {who} dropped: {e}")
-                        }
-                        _ => info!(event = "client-disconnected", "client {who} disconnected"),
-                    }
+                    session::log_end(&who, &end);
                 }
                 .in_current_span(),
             );
-        }
-    }
-
-    /// A client of a LucidControl module left with `unanswered` requests (e.g. one that never
-    /// read, or one that left before a slow answer came): those answers are dropped as they
-    /// come (see [`module::settle`]), so the next client's first answer is its own. (The requests still queued are left to the module:
-    /// flushing them would cut a frame and the module would read the next client's request as
-    /// the rest of it.) Costs nothing after a client whose requests were all answered.
-    async fn settle(&mut self, who: &str, unanswered: u64, scan: &mut Scan) -> std::io::Result<()> {
-        let limit = module::SETTLE_MAX;
-        // A stop does not wait for a chatty module: the port is closed anyway.
-        let (dropped, quiet) = tokio::select! {
-            r = module::settle(&mut self.serial, scan, unanswered, self.spec.answer_timeout, limit) => r?,
-            _ = self.cancel.cancelled() => return Ok(()),
-        };
-        if quiet {
-            info!(
-                event = "answers-dropped",
-                "client {who} left with {unanswered} requests unanswered; dropped {dropped} bytes of answers meant for it"
-            );
-        } else {
-            warn!(
-                event = "answers-dropped",
-                "client {who} left with {unanswered} requests unanswered; the module was still sending after {limit:?} ({dropped} bytes dropped), serving the next client anyway"
-            );
-        }
-        Ok(())
-    }
-
-    /// Serves one client until it leaves. Returns `Some(Ok(next))` when a newer client takes
-    /// over (kick-old), `Some(Err(reason))` when the relay must end, `None` to go idle.
-    async fn session(&mut self, incoming: Incoming) -> Option<Result<Incoming, ExitReason>> {
-        let Incoming {
-            client: mut accepted,
-            _permit,
-        } = incoming;
-        drop(_permit);
-        let who = describe(&accepted);
-        info!(peer_addr = %accepted.peer, client_name = accepted.name.as_deref().unwrap_or(""), event = "client-connected", "client {who} connected");
-        self.stats.clients.store(1, Ordering::Relaxed);
-        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-        *self.stats.client_list() = vec![who.clone()];
-
-        let mut outcome: Option<Result<Incoming, ExitReason>> = None;
-        // Frame boundaries of what the module sends, from this session into the settling after.
-        let mut answers = Scan::new(Side::Answers);
-        let (requests_before, answers_before) = (
-            self.stats.metrics.requests.load(Ordering::Relaxed),
-            self.stats.metrics.answers(),
-        );
-        let end = {
-            let stats = &*self.stats;
-            let spec = &self.spec;
-            let stream = &mut *accepted.stream;
-            let serial = &mut self.serial;
-            let read_only = accepted.read_only;
-            let who = who.as_str();
-            let answers = &mut answers;
-            // Read-only clients are served frame by frame so their writes can be refused;
-            // everyone else gets the raw byte pump.
-            let pump = async move {
-                if read_only {
-                    let ctx = shared::ClientCtx {
-                        who,
-                        read_only,
-                        idle_timeout: spec.idle_timeout,
-                        metrics: &stats.metrics,
-                        traffic: &stats.traffic,
-                    };
-                    shared::serve_alone(stream, serial, &ctx, spec.answer_timeout).await
-                } else {
-                    // An answer to a request whose client left is not this client's.
-                    if let Err(e) = module::discard_pending(serial) {
-                        return SessionEnd::DeviceGone(e);
-                    }
-                    pump::pump(
-                        stream,
-                        serial,
-                        spec.buffer_bytes,
-                        spec.idle_timeout,
-                        &stats.traffic,
-                        &stats.metrics,
-                        answers,
-                    )
-                    .await
-                }
-            };
-            tokio::pin!(pump);
-            loop {
-                tokio::select! {
-                    // The session first: a client that has already closed must release the
-                    // module before a newcomer is judged (a quick reconnect is not refused).
-                    biased;
-                    end = &mut pump => break Some(end),
-                    _ = self.cancel.cancelled() => {
-                        outcome = Some(Err(ExitReason::Stopped));
-                        break None;
-                    }
-                    i = self.incoming.recv() => {
-                        let Some(other) = i else {
-                            outcome = Some(Err(ExitReason::Stopped));
-                            break None;
-                        };
-                        let lingering = self.stats.traffic.half_closed.load(Ordering::Relaxed);
-                        match self.spec.policy {
-                            ClientPolicy::Exclusive if !lingering => {
-                                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                                warn!(peer_addr = %other.client.peer, event = "client-refused",
-                                    "refused client {}: module is in use by {who} (policy exclusive; set policy = \"kick-old\" to let the newest client win)",
-                                    describe(&other.client));
-                                // Dropping `other` closes the connection.
-                            }
-                            _ => {
-                                info!(peer_addr = %accepted.peer, event = "client-kicked",
-                                    "client {who} disconnected: {} takes over ({})", describe(&other.client),
-                                    if lingering { "the old client had finished sending" } else { "policy kick-old" });
-                                outcome = Some(Ok(other));
-                                break None;
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        let _ = tokio::time::timeout(CLIENT_CLOSE_TIMEOUT, accepted.stream.shutdown()).await;
-        self.stats.clients.store(0, Ordering::Relaxed);
-        self.stats.client_list().clear();
-        let client_left = matches!(
-            end,
-            Some(
-                SessionEnd::ClientClosed
-                    | SessionEnd::ClientError(_)
-                    | SessionEnd::ClientIdle(_)
-                    | SessionEnd::BadFrame(_)
-            )
-        ) || matches!(outcome, Some(Ok(_)));
-        let unanswered = self
-            .stats
-            .metrics
-            .requests
-            .load(Ordering::Relaxed)
-            .saturating_sub(requests_before)
-            .saturating_sub(self.stats.metrics.answers().saturating_sub(answers_before));
-        // Only for modules lucidgate speaks the protocol with: a tty with `identify = false`
-        // is any serial device, a byte pipe whose bytes are not requests and answers.
-        if client_left
-            && self.spec.identify
-            && unanswered > 0
-            && let Err(e) = self.settle(&who, unanswered, &mut answers).await
-        {
-            return Some(Err(ExitReason::DeviceGone(e.to_string())));
-        }
-        match end {
-            Some(SessionEnd::ClientClosed) => {
-                info!(event = "client-disconnected", "client {who} disconnected");
-                None
-            }
-            Some(SessionEnd::ClientError(e)) => {
-                info!(event = "client-disconnected", "client {who} dropped: {e}");
-                None
-            }
-            Some(SessionEnd::ClientIdle(t)) => {
-                info!(
-                    event = "client-disconnected",
-                    "client {who} idle for {t:?}; disconnected (limits.idle_timeout_secs)"
-                );
-                None
-            }
-            Some(SessionEnd::BadFrame(e)) => {
-                warn!(event = "client-disconnected", "client {who} cut off: {e}");
-                None
-            }
-            Some(SessionEnd::RelayGone) => Some(Err(ExitReason::Stopped)),
-            Some(SessionEnd::DeviceGone(e)) => Some(Err(ExitReason::DeviceGone(e.to_string()))),
-            None => outcome,
         }
     }
 }
@@ -699,4 +515,47 @@ fn announce(announcer: &Option<Announcer>, spec: &RelaySpec, port: u16, stats: &
 /// The address clients use to reach a listener, for logs.
 pub fn display_addr(addr: &IpAddr, port: u16) -> String {
     SocketAddr::new(*addr, port).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::device::SerialSource;
+
+    fn spec(config: &str) -> RelaySpec {
+        let c = Config::parse(config, "test.toml").unwrap();
+        let info = ModuleInfo {
+            serial: "11001001FA480000".into(),
+            serial_source: SerialSource::Udev,
+            model: "LucidIo_AO4".into(),
+            vendor: "test".into(),
+            devnode: "/dev/ttyACM0".into(),
+            syspath: "/sys/x".into(),
+        };
+        RelaySpec::new(
+            &info,
+            &c.module_settings(&info.serial),
+            &c.listen,
+            &c.limits,
+        )
+    }
+
+    #[test]
+    fn a_spec_is_whole_when_made() {
+        let s = spec(
+            "[limits]\nidle_timeout_secs = 0\nanswer_timeout_ms = 70\n[modules.\"11001001FA480000\"]\nbaud = 9600\n",
+        );
+        assert_eq!((s.serial.as_str(), s.baud), ("11001001FA480000", 9600));
+        assert_eq!(s.devnode, PathBuf::from("/dev/ttyACM0"));
+        assert_eq!(s.idle_timeout, None);
+        assert_eq!(s.answer_timeout, Duration::from_millis(70));
+        assert_eq!(
+            spec("[limits]\nidle_timeout_secs = 5\n").idle_timeout,
+            Some(Duration::from_secs(5))
+        );
+        // What a reload compares.
+        assert_eq!(spec(""), spec(""));
+        assert_ne!(spec(""), spec("[limits]\nkeepalive_secs = 7\n"));
+    }
 }

@@ -30,7 +30,7 @@ use crate::control::{self, Command, Reply};
 use crate::device::watch::WatchMsg;
 use crate::device::{Action, DeviceEvent, Matcher, ModuleInfo, SerialSource};
 use crate::ports::{PortSource, Registry};
-use crate::relay::{self, ExitReason, RelayExit, RelayHandle, RelaySpec};
+use crate::relay::{self, ExitReason, RelayExit, RelayHandle, RelayParts, RelaySpec};
 use crate::systemd::Lifecycle;
 use crate::transport::Transport;
 use crate::transport::tls::{TlsAccept, TlsState};
@@ -186,7 +186,7 @@ impl Supervisor {
 
     /// Judges the device at `key` (a udev syspath) again with the current rules.
     fn rematch(&mut self, key: &PathBuf, unplugged: bool) {
-        let now = self.raw.get(key).and_then(|ev| self.matcher.identify(ev));
+        let now = self.raw.get(key).and_then(|ev| self.matcher.module_of(ev));
         match now {
             Some(info) => {
                 if self.devices.get(key) != Some(&info) {
@@ -276,26 +276,12 @@ impl Supervisor {
     }
 
     fn spec_for(&self, info: &ModuleInfo) -> RelaySpec {
-        let s = self.config.module_settings(&info.serial);
-        let mut spec = RelaySpec {
-            serial: info.serial.clone(),
-            devnode: info.devnode.clone(),
-            fixed_port: s.fixed_port,
-            listen: self.config.listen.clone(),
-            baud: s.baud,
-            policy: s.policy,
-            transport: s.transport,
-            identify: s.identify,
-            buffer_bytes: 0,
-            idle_timeout: None,
-            keepalive: Duration::ZERO,
-            max_pending: 1,
-            handshake_timeout: Duration::ZERO,
-            max_clients: 1,
-            answer_timeout: Duration::ZERO,
-        };
-        spec.limits_from(&self.config.limits);
-        spec
+        RelaySpec::new(
+            info,
+            &self.config.module_settings(&info.serial),
+            &self.config.listen,
+            &self.config.limits,
+        )
     }
 
     /// What should run: serial → (device, spec), and why other present devices do not run.
@@ -397,7 +383,7 @@ impl Supervisor {
                 .assign(&spec.serial, &self.config, &in_use, |p| {
                     relay::listen::bind_all(&listen, p)
                 })?;
-        let serial_port = relay::tty::Tty::open(&spec.devnode, spec.baud)?;
+        let tty = relay::tty::Tty::open(&spec.devnode, spec.baud)?;
         self.generation += 1;
         let transport = match spec.transport {
             TransportKind::Plain => Transport::Plain,
@@ -422,18 +408,18 @@ impl Supervisor {
                 "module {} is served over TLS without client certificates (transport = \"tls\"): any client can use it", info.serial),
             TransportKind::Mtls => {}
         }
-        let handle = relay::start(
+        let handle = relay::start(RelayParts {
             spec,
             port,
-            self.generation,
+            generation: self.generation,
             listeners,
-            serial_port,
+            tty,
             transport,
-            &self.cancel,
-            &self.tracker,
-            self.exits_tx.clone(),
-            self.announcer.clone(),
-        )?;
+            parent: self.cancel.clone(),
+            tracker: self.tracker.clone(),
+            exits: self.exits_tx.clone(),
+            announcer: self.announcer.clone(),
+        })?;
         let addrs: Vec<String> = self
             .config
             .listen

@@ -153,7 +153,7 @@ impl ClientCertVerifier for NamingVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now);
         if r.is_err() {
-            let name = rights::identify(end_entity).map(|id| id.name).ok();
+            let name = rights::client_identity(end_entity).map(|id| id.name).ok();
             REJECTED_SUBJECT.with(|s| *s.borrow_mut() = name);
         }
         r
@@ -245,7 +245,7 @@ impl TlsAccept {
         let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
             return Err(refused("no client certificate".into(), None));
         };
-        let id = rights::identify(cert).map_err(|e| refused(e, None))?;
+        let id = rights::client_identity(cert).map_err(|e| refused(e, None))?;
         if self.state.revoked.load().contains(&id.serial) {
             return Err(refused(
                 format!("certificate {} is revoked", id.serial),
