@@ -461,3 +461,43 @@ fn plain_and_server_only_tls_are_opt_in_and_warned_about() {
     );
     let _ = std::io::BufReader::new(std::io::empty()).lines();
 }
+
+/// `[modules."SERIAL"] allow` names the clients that may use a module; a reload that changes
+/// the list takes effect at once (the relay restarts with it), for new connections.
+#[test]
+fn a_reload_that_changes_the_allow_list_takes_effect() {
+    let link_dir = tempfile::tempdir().unwrap();
+    let link = link_dir.path().join("lio0");
+    let _emu = Emulator::start(&link, "AO4", AO4);
+    let allow = |names: &str| {
+        format!(
+            "{}[relay]\n[modules.\"{AO4}\"]\nallow = [{names}]\n",
+            static_device(&link, AO4)
+        )
+    };
+    let d = Daemon::start(port_block(), &allow("\"laptop\""), None);
+    let port = d.wait_serving(AO4);
+    let laptop = issue_client(&d, "laptop", &["--all"]);
+    let tablet = issue_client(&d, "tablet", &["--all"]);
+    assert_eq!(
+        socat_tls(port, &laptop, "laptop", &GET_ID),
+        get_id_answer(AO4)
+    );
+    assert!(
+        socat_tls(port, &tablet, "tablet", &GET_ID).is_empty(),
+        "tablet is not allowed"
+    );
+
+    d.rewrite_config(&allow("\"tablet\""));
+    let out = d.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let port = d.wait_serving(AO4);
+    wait_until("the new allow list", || {
+        (socat_tls(port, &tablet, "tablet", &GET_ID) == get_id_answer(AO4)).then_some(())
+    });
+    assert!(
+        socat_tls(port, &laptop, "laptop", &GET_ID).is_empty(),
+        "laptop was taken off the allow list"
+    );
+    assert!(d.log().contains("laptop is not in [modules"), "{}", d.log());
+}

@@ -66,6 +66,10 @@ pub struct RelaySpec {
     pub max_clients: usize,
     /// How long the module gets to answer a request lucidgate forwards frame by frame.
     pub answer_timeout: Duration,
+    /// Client names that may use the module (`[modules."SERIAL"] allow`), instead of the
+    /// rights in their certificates. Part of the spec so that a reload that changes it
+    /// restarts the relay with the new list.
+    pub allow: Option<Vec<String>>,
 }
 
 impl RelaySpec {
@@ -94,6 +98,7 @@ impl RelaySpec {
             handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
             max_clients: limits.max_clients_per_module,
             answer_timeout: Duration::from_millis(limits.answer_timeout_ms),
+            allow: settings.allow.clone(),
         }
     }
 }
@@ -557,5 +562,9 @@ mod tests {
         // What a reload compares.
         assert_eq!(spec(""), spec(""));
         assert_ne!(spec(""), spec("[limits]\nkeepalive_secs = 7\n"));
+        assert_ne!(
+            spec(""),
+            spec("[modules.\"11001001FA480000\"]\nallow = [\"laptop\"]\n")
+        );
     }
 }

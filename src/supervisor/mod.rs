@@ -395,7 +395,7 @@ impl Supervisor {
                     state: self.pki.tls.clone(),
                     mutual: kind == TransportKind::Mtls,
                     module: spec.serial.clone(),
-                    allow: self.config.module_settings(&spec.serial).allow,
+                    allow: spec.allow.clone(),
                 })
             }
         };
