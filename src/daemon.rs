@@ -13,7 +13,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::ca::PkiSettings;
-use crate::ca::task::{refresh_pki, spawn_pki_task};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::control;
@@ -22,6 +21,7 @@ use crate::ports::Registry;
 use crate::state;
 use crate::supervisor::{ConfigSource, PkiHandle, Supervisor};
 use crate::systemd::Lifecycle;
+use crate::transport::pki_task::{refresh_pki, spawn_pki_task};
 use crate::transport::tls::TlsState;
 
 /// Queue between the udev thread and the supervisor.

@@ -13,14 +13,13 @@
 //! [`store`] owns the files (lock, paths, ledger, previous CA; loading never writes),
 //! [`issue`] makes certificates (CA, server, clients, CRL) and rotates, [`import`] takes an
 //! operator's own PKI, [`settings`] reads the `[tls]` table, [`x509`] parses certificates,
-//! [`rights`] is what a client certificate grants, [`task`] keeps the daemon's PKI fresh.
+//! [`rights`] is what a client certificate grants.
 
 pub mod import;
 pub mod issue;
 pub mod rights;
 pub mod settings;
 pub mod store;
-pub mod task;
 pub mod x509;
 
 use std::collections::BTreeSet;

@@ -5,6 +5,7 @@
 //! slots in as another variant, so the relay's pump and client policy never know which one
 //! they talk to.
 
+pub mod pki_task;
 pub mod tls;
 
 use std::io;

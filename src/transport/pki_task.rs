@@ -1,4 +1,5 @@
-//! The PKI task: keeps the server certificate renewed, follows address changes and CA overlaps,
+//! The PKI task (TLS kept fresh from the PKI; here, above `ca`, so that `ca` never needs the
+//! transport): keeps the server certificate renewed, follows address changes and CA overlaps,
 //! and re-reads the PKI when `lucidgate cert ...` or provisioning asks for it; publishes the
 //! result to the relays through [`TlsState`].
 
@@ -12,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
+use super::tls::TlsState;
 use crate::ca::{Pki, PkiSettings};
 use crate::clock::SharedClock;
-use crate::transport::tls::TlsState;
 
 /// How often the PKI looks at the device's addresses (a changed address gets a new server cert).
 pub const PKI_ADDRESS_CHECK: Duration = Duration::from_secs(60);
