@@ -2,9 +2,8 @@
 
 use anyhow::Result;
 
-use super::{CertCmd, tell_daemon};
+use super::{CertCmd, tell_daemon_pki};
 use crate::config::{self, Config};
-use crate::control::Command;
 
 pub(super) fn cert(cfg: &Config, action: CertCmd) -> Result<i32> {
     let clock = crate::clock::SystemClock::from_env();
@@ -84,13 +83,7 @@ pub(super) fn cert(cfg: &Config, action: CertCmd) -> Result<i32> {
     };
     drop(pki);
     if changed {
-        // A running daemon also notices by itself at its next PKI check.
-        tell_daemon(
-            &cfg.control_socket,
-            Command::ReloadPki,
-            "the PKI",
-            "it picks the change up at its next PKI check",
-        )?;
+        tell_daemon_pki(&cfg.control_socket)?;
     }
     Ok(0)
 }

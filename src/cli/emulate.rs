@@ -8,36 +8,16 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 
-use super::runtime;
+use super::{EmulateArgs, runtime};
 use crate::emulator::{self, Module};
 use crate::pty::Pty;
 
-/// The options of `lucidgate emulate`.
-pub(super) struct EmulateArgs {
-    pub class: String,
-    pub serial: Option<String>,
-    pub link: Option<PathBuf>,
-    pub fd: Option<i32>,
-    pub silent: bool,
-    pub ignore_first: u64,
-    pub answer_delay_ms: u64,
-}
-
-pub(super) fn emulate_cmd(a: EmulateArgs) -> Result<i32> {
-    let EmulateArgs {
-        class,
-        serial,
-        link,
-        fd,
-        silent,
-        ignore_first,
-        answer_delay_ms,
-    } = a;
-    let mut module = module_for(&class, serial)?;
-    module.silent = silent;
-    module.ignore_first = ignore_first;
-    module.answer_delay = std::time::Duration::from_millis(answer_delay_ms);
-    emulate(&class, module, link, fd)
+pub(super) fn emulate(a: EmulateArgs) -> Result<i32> {
+    let mut module = module_for(&a.class, a.serial)?;
+    module.silent = a.silent;
+    module.ignore_first = a.ignore_first;
+    module.answer_delay = std::time::Duration::from_millis(a.answer_delay_ms);
+    serve(&a.class, module, a.link, a.fd)
 }
 
 pub(super) fn module_for(class: &str, serial: Option<String>) -> Result<Module> {
@@ -59,7 +39,8 @@ pub(super) fn module_for(class: &str, serial: Option<String>) -> Result<Module> 
     Ok(module)
 }
 
-fn emulate(class: &str, module: Module, link: Option<PathBuf>, fd: Option<i32>) -> Result<i32> {
+/// Serves `module` on a new pty (linked at `link`) or on the inherited `fd` until a signal.
+fn serve(class: &str, module: Module, link: Option<PathBuf>, fd: Option<i32>) -> Result<i32> {
     let usb_serial = module.identity.usb_serial();
     let shared = emulator::Shared::new(module);
     // Signal handlers first: a SIGTERM that comes as soon as the link exists must still end

@@ -116,29 +116,33 @@ pub enum Cmd {
         json: bool,
     },
     /// Emulate a LucidControl module on a pseudo-terminal.
-    Emulate {
-        /// Module class: DI4, DI8, AI4, AI8, RI4, RI8, DO4, DO8, AO4, AO8, DI4DO4 or 4 hex digits.
-        #[arg(long, default_value = "AO4")]
-        class: String,
-        /// 16-hex-digit USB serial (class, type, number); default derived from the class.
-        #[arg(long)]
-        serial: Option<String>,
-        /// Create this symlink to the pty (like socat's link=).
-        #[arg(long, value_name = "PATH")]
-        link: Option<PathBuf>,
-        /// Serve an inherited file descriptor instead of a new pty (for test harnesses).
-        #[arg(long, value_name = "FD", conflicts_with = "link")]
-        fd: Option<i32>,
-        /// Never answer (a hung module).
-        #[arg(long)]
-        silent: bool,
-        /// Swallow the first N requests unanswered (a module still starting up).
-        #[arg(long, value_name = "N", default_value_t = 0)]
-        ignore_first: u64,
-        /// Send each answer this long after its request (a slow module).
-        #[arg(long, value_name = "MS", default_value_t = 0)]
-        answer_delay_ms: u64,
-    },
+    Emulate(EmulateArgs),
+}
+
+/// `lucidgate emulate` options.
+#[derive(Debug, clap::Args)]
+pub struct EmulateArgs {
+    /// Module class: DI4, DI8, AI4, AI8, RI4, RI8, DO4, DO8, AO4, AO8, DI4DO4 or 4 hex digits.
+    #[arg(long, default_value = "AO4")]
+    pub class: String,
+    /// 16-hex-digit USB serial (class, type, number); default derived from the class.
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Create this symlink to the pty (like socat's link=).
+    #[arg(long, value_name = "PATH")]
+    pub link: Option<PathBuf>,
+    /// Serve an inherited file descriptor instead of a new pty (for test harnesses).
+    #[arg(long, value_name = "FD", conflicts_with = "link")]
+    pub fd: Option<i32>,
+    /// Never answer (a hung module).
+    #[arg(long)]
+    pub silent: bool,
+    /// Swallow the first N requests unanswered (a module still starting up).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub ignore_first: u64,
+    /// Send each answer this long after its request (a slow module).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub answer_delay_ms: u64,
 }
 
 /// `lucidgate attach` options (one port; several come from an attach config via --config).
@@ -302,23 +306,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             &interfaces,
             json,
         ),
-        Cmd::Emulate {
-            class,
-            serial,
-            link,
-            fd,
-            silent,
-            ignore_first,
-            answer_delay_ms,
-        } => emulate::emulate_cmd(emulate::EmulateArgs {
-            class,
-            serial,
-            link,
-            fd,
-            silent,
-            ignore_first,
-            answer_delay_ms,
-        }),
+        Cmd::Emulate(a) => emulate::emulate(a),
         Cmd::Cert { action } => {
             let (cfg, _) = load_config(c)?;
             cert::cert(&cfg, action)
@@ -345,4 +333,14 @@ fn tell_daemon(socket: &Path, command: Command, what: &str, otherwise: &str) -> 
         Err(e) => eprintln!("note: could not tell the daemon ({e:#}); {otherwise}"),
     }
     Ok(())
+}
+
+/// Tells a running daemon that the PKI changed (it would notice at its next PKI check anyway).
+fn tell_daemon_pki(socket: &Path) -> Result<()> {
+    tell_daemon(
+        socket,
+        Command::ReloadPki,
+        "the PKI",
+        "it picks the change up at its next PKI check",
+    )
 }

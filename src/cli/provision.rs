@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use super::{ProvisionCmd, load_config, runtime, tell_daemon};
+use super::{ProvisionCmd, load_config, runtime, tell_daemon, tell_daemon_pki};
 use crate::control::{self, Command, Reply};
 
 pub(super) fn provision(
@@ -98,12 +98,7 @@ pub(super) fn provision(
                 println!("  (no result file could be written on the stick)");
             }
             if out.status == Status::Done {
-                tell_daemon(
-                    &cfg.control_socket,
-                    Command::ReloadPki,
-                    "the PKI",
-                    "it picks the change up at its next PKI check",
-                )?;
+                tell_daemon_pki(&cfg.control_socket)?;
             }
             Ok(match out.status {
                 Status::Done | Status::Duplicate => 0,
