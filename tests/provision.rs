@@ -394,8 +394,8 @@ impl Seek for PulledDisk {
 fn device<'a>(
     state: &'a Path,
     clock: &'a dyn lucidgate::clock::Clock,
-) -> lucidgate::provision::Device<'a> {
-    lucidgate::provision::Device {
+) -> lucidgate::provision::Gateway<'a> {
+    lucidgate::provision::Gateway {
         state_dir: state,
         pki: lucidgate::ca::PkiSettings {
             server_lifetime: std::time::Duration::from_secs(30 * 86400),
@@ -416,7 +416,7 @@ fn device<'a>(
 fn run_on(
     img: &Path,
     budget: Option<usize>,
-    dev: &lucidgate::provision::Device,
+    dev: &lucidgate::provision::Gateway,
 ) -> (Option<lucidgate::provision::Status>, usize) {
     let file = std::fs::OpenOptions::new()
         .read(true)

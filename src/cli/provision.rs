@@ -67,7 +67,7 @@ pub(super) fn provision(
             } else {
                 Default::default()
             };
-            let dev = provision::Device {
+            let dev = provision::Gateway {
                 state_dir: &cfg.state_dir,
                 pki: crate::ca::PkiSettings::from_config(&cfg),
                 clock: &clock,

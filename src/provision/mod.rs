@@ -9,6 +9,7 @@
 //! (stick pulled or full mid-way) are revoked at once. The same logic runs from udev (the
 //! daemon) and by hand (`lucidgate provision IMAGE-OR-DEVICE`).
 
+mod deliver;
 pub mod ledger;
 pub mod request;
 pub mod stick;
@@ -22,8 +23,7 @@ use anyhow::Result;
 use serde::Serialize;
 use tracing::{error, info, warn};
 
-use crate::ca::rights::Rights;
-use crate::ca::{Pki, PkiSettings};
+use crate::ca::PkiSettings;
 use crate::clock::Clock;
 use stick::{Disk, Stick, StickError};
 
@@ -37,8 +37,8 @@ pub const MAX_IMPORT_FILE: usize = 64 * 1024;
 /// Bytes a client's files take at most (key, certificate, both), before cluster rounding.
 const CLIENT_FILE_BYTES: u64 = 4096;
 
-/// What this device is, for a provisioning run.
-pub struct Device<'a> {
+/// The gateway being provisioned: what a run needs to know about this lucidgate.
+pub struct Gateway<'a> {
     pub state_dir: &'a Path,
     pub pki: PkiSettings,
     pub clock: &'a dyn Clock,
@@ -138,7 +138,7 @@ fn mounted_at(path: &Path) -> Option<String> {
 
 /// Runs provisioning on a block device or image file. The device is opened read-write (read-only
 /// when it is write-protected: then nothing can be issued, and the journal says why).
-pub fn run_path(path: &Path, dev: &Device) -> Result<Outcome, NotProvisioning> {
+pub fn run_path(path: &Path, dev: &Gateway) -> Result<Outcome, NotProvisioning> {
     if let Some(at) = mounted_at(path) {
         return Err(NotProvisioning::Mounted {
             path: path.display().to_string(),
@@ -203,7 +203,7 @@ pub fn hostname(cfg: &crate::config::Config) -> String {
     crate::host::name().unwrap_or_else(|| "lucidgate".into())
 }
 
-fn now_text(dev: &Device) -> String {
+fn now_text(dev: &Gateway) -> String {
     humantime::format_rfc3339_seconds(dev.clock.now()).to_string()
 }
 
@@ -211,7 +211,7 @@ fn now_text(dev: &Device) -> String {
 pub fn run_disk<D: Read + Write + Seek>(
     disk: D,
     writable: bool,
-    dev: &Device,
+    dev: &Gateway,
 ) -> Result<Outcome, NotProvisioning> {
     let stick = Stick::open(disk)?;
     let name = format!("{} ({:08x})", stick.label(), stick.volume_id());
@@ -257,7 +257,7 @@ fn process<D: Read + Write + Seek>(
     stick: &Stick<D>,
     text: Result<Vec<u8>, StickError>,
     writable: bool,
-    dev: &Device,
+    dev: &Gateway,
     out: &mut Outcome,
 ) {
     let bytes = match text {
@@ -360,8 +360,8 @@ fn process<D: Read + Write + Seek>(
         return;
     }
     let did = match &req.import {
-        Some(imp) => import(stick, imp, dev, out),
-        None => issue(stick, &req.client, dev, out),
+        Some(imp) => deliver::import(stick, imp, dev, out),
+        None => deliver::issue(stick, &req.client, dev, out),
     };
     let Some(did) = did else { return };
     let entry = ledger::Processed {
@@ -377,154 +377,6 @@ fn process<D: Read + Write + Seek>(
         ));
     }
     out.status = Status::Done;
-}
-
-/// Issues and writes every client; on any failure revokes what this request issued.
-fn issue<D: Read + Write + Seek>(
-    stick: &Stick<D>,
-    clients: &[request::ClientRequest],
-    dev: &Device,
-    out: &mut Outcome,
-) -> Option<Vec<String>> {
-    let pki = match Pki::open(dev.state_dir, dev.pki.clone(), dev.clock) {
-        Ok(p) => p,
-        Err(e) => {
-            out.message = format!("the PKI is not usable: {e:#}; nothing was issued");
-            return None;
-        }
-    };
-    let mut issued: Vec<Issued> = Vec::new();
-    let mut ca_pem = String::new();
-    let mut failure = None;
-    for c in clients {
-        let rights = Rights {
-            modules: c.modules.clone(),
-            read_only: c.read_only,
-        };
-        let days = c.days.unwrap_or(request::DEFAULT_DAYS);
-        let bundle = match pki.issue_client(&c.name, &rights, days) {
-            Ok(b) => b,
-            Err(e) => {
-                failure = Some(format!("issuing {}: {e:#}", c.name));
-                break;
-            }
-        };
-        let mut item = Issued {
-            name: c.name.clone(),
-            serial: bundle.serial.clone(),
-            modules: c.modules.clone(),
-            read_only: c.read_only,
-            not_after: humantime::format_rfc3339_seconds(bundle.not_after).to_string(),
-            files: Vec::new(),
-        };
-        ca_pem = bundle.ca_pem.clone();
-        let files = [
-            (format!("{OUT_DIR}/{}.key", c.name), bundle.key_pem.clone()),
-            (format!("{OUT_DIR}/{}.crt", c.name), bundle.cert_pem.clone()),
-            (
-                format!("{OUT_DIR}/{}.pem", c.name),
-                format!("{}{}", bundle.key_pem, bundle.cert_pem),
-            ),
-        ];
-        issued.push(item.clone());
-        for (path, data) in files {
-            if let Err(e) = stick.write_replace(&path, data.as_bytes()) {
-                failure = Some(format!("writing {path}: {e}"));
-                break;
-            }
-            item.files.push(path);
-        }
-        if failure.is_some() {
-            break;
-        }
-        if let Some(last) = issued.last_mut() {
-            *last = item;
-        }
-    }
-    if failure.is_none()
-        && !ca_pem.is_empty()
-        && let Err(e) = stick.write_replace(&format!("{OUT_DIR}/ca.crt"), ca_pem.as_bytes())
-    {
-        failure = Some(format!("writing {OUT_DIR}/ca.crt: {e}"));
-    }
-    if let Some(why) = failure {
-        // Certificates that did not reach the operator must not stay valid.
-        let mut revoked = Vec::new();
-        for i in &issued {
-            match pki.revoke(&i.serial) {
-                Ok(_) => revoked.push(i.name.clone()),
-                Err(e) => out
-                    .errors
-                    .push(format!("revoking undelivered {}: {e:#}", i.name)),
-            }
-        }
-        out.message = if revoked.is_empty() {
-            format!("{why}; nothing was issued")
-        } else {
-            format!(
-                "{why}; the certificates issued meanwhile ({}) were revoked; plug the stick in again",
-                revoked.join(", ")
-            )
-        };
-        return None;
-    }
-    let did = issued
-        .iter()
-        .map(|i| format!("issued {} serial {}", i.name, i.serial))
-        .collect();
-    out.message = format!(
-        "issued {} client certificate(s) into {OUT_DIR}/ with ca.crt",
-        issued.len()
-    );
-    out.issued = issued;
-    Some(did)
-}
-
-/// Installs the operator's CA bundle and server certificate/key from the stick.
-fn import<D: Read + Write + Seek>(
-    stick: &Stick<D>,
-    imp: &request::Import,
-    dev: &Device,
-    out: &mut Outcome,
-) -> Option<Vec<String>> {
-    let mut read = |field: &str, rel: &str| -> Option<Vec<u8>> {
-        let path = format!("{DIR}/{rel}");
-        match stick.read(&path, MAX_IMPORT_FILE) {
-            Ok(Some(b)) => Some(b),
-            Ok(None) => {
-                out.errors
-                    .push(format!("import.{field}: {path} is not on the stick"));
-                None
-            }
-            Err(e) => {
-                out.errors.push(format!("import.{field}: {e}"));
-                None
-            }
-        }
-    };
-    let (ca, cert, key) = (
-        read("ca", &imp.ca),
-        read("cert", &imp.cert),
-        read("key", &imp.key),
-    );
-    let (Some(ca), Some(cert), Some(key)) = (ca, cert, key) else {
-        out.status = Status::Refused;
-        out.message = "the [import] files are not all readable; nothing was installed".into();
-        return None;
-    };
-    match crate::ca::install_import(dev.state_dir, &ca, &cert, &key) {
-        Ok(summary) => {
-            out.message = format!(
-                "installed your PKI ({summary}); the device now uses it instead of the built-in CA"
-            );
-            Some(vec![format!("imported {summary}")])
-        }
-        Err(e) => {
-            out.status = Status::Refused;
-            out.message = format!("the [import] was not installed: {e:#}");
-            None
-        }
-    }
 }
 
 fn write_result<D: Read + Write + Seek>(stick: &Stick<D>, out: &Outcome) -> Result<(), StickError> {

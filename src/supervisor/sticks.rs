@@ -118,7 +118,7 @@ impl Supervisor {
             let _turn = lock.lock().await;
             let path = devnode.clone();
             let run = tokio::task::spawn_blocking(move || {
-                let dev = crate::provision::Device {
+                let dev = crate::provision::Gateway {
                     state_dir: &config.state_dir,
                     pki: PkiSettings::from_config(&config),
                     clock: clock.as_ref(),
