@@ -133,7 +133,7 @@ fn plain_daemon() -> (Daemon, Emulator, u16, tempfile::TempDir) {
     let links = tempfile::tempdir().unwrap();
     let module = links.path().join("module");
     let emu = Emulator::start(&module, "AO4", AO4);
-    let d = Daemon::start(port_block(), &static_device(&module, AO4), None);
+    let d = Daemon::start(port_block(), Conf::new().device(&module, AO4), None);
     let port = d.wait_serving(AO4);
     (d, emu, port, links)
 }
@@ -157,7 +157,7 @@ fn a_program_opening_the_port_for_every_request_gets_every_answer() {
         1,
         "closing the port must not touch the TCP session"
     );
-    assert_eq!(d.module(AO4).unwrap()["clients"], 1);
+    assert_eq!(d.module(AO4).unwrap().clients, 1);
     a.stop();
     // A wrong serial for the port is refused with a message naming both.
     let other = links.path().join("lio1");
@@ -250,7 +250,7 @@ fn tls_with_a_client_certificate_and_a_clear_refusal_of_the_wrong_ca() {
     let _emu = Emulator::start(&module, "AO4", AO4);
     let d = Daemon::start(
         port_block(),
-        &format!("{}[relay]\n", static_device(&module, AO4)),
+        Conf::new().device(&module, AO4).default_transport(),
         None,
     );
     let port = d.wait_serving(AO4);
@@ -272,7 +272,7 @@ fn tls_with_a_client_certificate_and_a_clear_refusal_of_the_wrong_ca() {
     assert!(a.log().contains("(TLS)"), "{}", a.log());
     let p = open_port(&link);
     assert_eq!(ask_port(&p, &GET_ID), get_id_answer(AO4));
-    let client = d.module(AO4).unwrap()["client"].to_string();
+    let client = d.module(AO4).unwrap().client.unwrap_or_default();
     assert!(client.contains("laptop"), "{client}");
     drop(p);
     a.stop();
@@ -481,10 +481,12 @@ fn a_serial_alone_is_found_by_mdns() {
     let emu = Emulator::start(&module, "AO4", AO4);
     let d = Daemon::start(
         port_block(),
-        &format!(
-            "{}[relay]\ntransport = \"mtls\"\n[discovery]\nmdns = true\nhostname = \"lucidgate-test\"\ninterfaces = [\"lo\"]\n",
-            static_device(&module, AO4)
-        ),
+        Conf::new()
+            .device(&module, AO4)
+            .relay(r#"transport = "mtls""#)
+            .table("discovery", "mdns = true")
+            .table("discovery", r#"hostname = "lucidgate-test""#)
+            .table("discovery", r#"interfaces = ["lo"]"#),
         None,
     );
     let port = d.wait_serving(AO4);

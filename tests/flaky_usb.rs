@@ -100,7 +100,7 @@ fn a_module_that_vanishes_while_a_client_streams_writes_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("lio0");
     let emu = Emulator::start(&link, "AO4", AO4);
-    let d = Daemon::start(port_block(), &static_device(&link, AO4), None);
+    let d = Daemon::start(port_block(), Conf::new().device(&link, AO4), None);
     let port = d.wait_serving(AO4);
     let fds = d.fd_count();
     let mut c = connect(port);
@@ -164,11 +164,9 @@ fn a_device_that_floods_bytes_is_drained_or_held_back_within_the_memory_bound() 
     let _emu = Emulator::start(&good, "AO4", AO4);
     let d = Daemon::start(
         port_block(),
-        &format!(
-            "{}{}",
-            static_device(&dir.path().join("flood"), FLOODER),
-            static_device(&good, AO4)
-        ),
+        Conf::new()
+            .device(&dir.path().join("flood"), FLOODER)
+            .device(&good, AO4),
         None,
     );
     let (pf, pg) = (d.wait_serving(FLOODER), d.wait_serving(AO4));

@@ -168,11 +168,14 @@ fn hostile_clients_are_bounded_and_other_modules_keep_their_round_trip() {
     let _eb = Emulator::start(&lb, "DI4", DI4);
     let d = Daemon::start(
         port_block(),
-        &format!(
-            "{}{}[relay]\n[limits]\nhandshake_timeout_ms = {HANDSHAKE_TIMEOUT_MS}\nidle_timeout_secs = {IDLE_TIMEOUT_SECS}\nmax_pending_per_module = {MAX_PENDING}\n[modules.\"{DI4}\"]\npolicy = \"shared\"\n",
-            static_device(&la, AO4),
-            static_device(&lb, DI4)
-        ),
+        Conf::new()
+            .device(&la, AO4)
+            .device(&lb, DI4)
+            .default_transport()
+            .limits(format!("handshake_timeout_ms = {HANDSHAKE_TIMEOUT_MS}"))
+            .limits(format!("idle_timeout_secs = {IDLE_TIMEOUT_SECS}"))
+            .limits(format!("max_pending_per_module = {MAX_PENDING}"))
+            .module(DI4, r#"policy = "shared""#),
         None,
     );
     let (pa, pb) = (d.wait_serving(AO4), d.wait_serving(DI4));
@@ -314,7 +317,7 @@ fn hostile_clients_are_bounded_and_other_modules_keep_their_round_trip() {
         total
     });
     let garbage = XorShift(0x2545_F491_4F6C_DD1D).bytes(GARBAGE_BYTES);
-    let up = |d: &Daemon| d.module(AO4).unwrap()["bytes_up"].as_u64().unwrap();
+    let up = |d: &Daemon| d.module(AO4).unwrap().bytes_up;
     let up0 = up(&d);
     let t = Instant::now();
     g.sock
@@ -369,7 +372,7 @@ fn hostile_clients_are_bounded_and_other_modules_keep_their_round_trip() {
     );
     drop(g);
     n.finish("garbage");
-    assert_eq!(d.module(AO4).unwrap()["state"], "serving");
+    assert_eq!(d.module(AO4).unwrap().state, "serving");
     fresh_get_id(pb, &cfg, DI4, "after garbage");
     fds_settle(&d, fds, "after garbage");
     check_memory(&d, "garbage");

@@ -24,7 +24,7 @@ const TOKEN: &str = "cut-the-power-7";
 /// same ports.
 struct Bench {
     _links: tempfile::TempDir,
-    extra: String,
+    extra: Conf,
     base: u16,
     _emu: Emulator,
 }
@@ -37,10 +37,7 @@ impl Bench {
         Bench {
             // Shared: the probe and the earlier clients are judged one after another without
             // waiting for the module to be free.
-            extra: format!(
-                "{}[relay]\npolicy = \"shared\"\n",
-                static_device(&link, AO4)
-            ),
+            extra: Conf::new().device(&link, AO4).relay(r#"policy = "shared""#),
             base: port_block(),
             _links: links,
             _emu: emu,
@@ -110,8 +107,7 @@ fn serve_crash(d: &Daemon, at: &str) -> (bool, usize) {
         }
         // Ready and serving the module: every start-up write is done.
         if d.try_status()
-            .and_then(|s| s["modules"].as_array().cloned())
-            .is_some_and(|m| m.iter().any(|m| m["state"] == "serving"))
+            .is_some_and(|s| s.modules.iter().any(|m| m.state == "serving"))
         {
             break None;
         }
@@ -231,7 +227,7 @@ fn a_kill_at_any_state_write_step_leaves_state_that_loads_and_is_consistent() {
         .lines()
         .find(|l| l.starts_with("token_hash"))
         .expect("set-token wrote the hash");
-    bench.extra.push_str(&format!("[provision]\n{hash}\n"));
+    bench.extra = bench.extra.clone().table("provision", hash);
     let sticks = tempfile::tempdir().unwrap();
     let stick = fat_image(sticks.path(), "stick.img", 1024);
     put(

@@ -17,7 +17,11 @@ fn mode(p: &std::path::Path) -> u32 {
 #[test]
 fn another_local_user_cannot_use_the_control_socket_or_read_keys() {
     require_tool("setpriv");
-    let d = Daemon::start(port_block(), "[relay]\ntransport = \"mtls\"\n", None);
+    let d = Daemon::start(
+        port_block(),
+        Conf::new().relay(r#"transport = "mtls""#),
+        None,
+    );
     // The test's directory is private to root; open it up so only the modes below decide.
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o644)).unwrap();

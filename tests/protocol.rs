@@ -74,10 +74,11 @@ fn shared_mode_routes_every_answer_to_the_client_that_asked() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let d = Daemon::start(
         port_block(),
-        &format!(
-            "{}[relay]\ntransport = \"plain\"\npolicy = \"shared\"\n[metrics]\nlisten = \"{metrics}\"\n",
-            static_device(&emu.link, &ao8)
-        ),
+        Conf::new()
+            .device(&emu.link, &ao8)
+            .relay(r#"transport = "plain""#)
+            .relay(r#"policy = "shared""#)
+            .table("metrics", format!(r#"listen = "{metrics}""#)),
         None,
     );
     let port = d.wait_serving(&ao8);
@@ -125,11 +126,12 @@ fn shared_mode_routes_every_answer_to_the_client_that_asked() {
     );
 
     let m = d.module(&ao8).unwrap();
-    assert_eq!(m["policy"], "shared");
-    assert_eq!(m["metrics"]["requests"], total, "{m}");
-    assert_eq!(m["metrics"]["answers_ok"], total, "{m}");
-    assert_eq!(m["metrics"]["bad_frames"], 1, "{m}");
-    assert_eq!(m["metrics"]["timeouts"], 0, "{m}");
+    assert_eq!(m.policy, "shared");
+    let counts = m.metrics.as_ref().expect("counters of a served module");
+    assert_eq!(counts.requests, total, "{m:?}");
+    assert_eq!(counts.answers_ok, total, "{m:?}");
+    assert_eq!(counts.bad_frames, 1, "{m:?}");
+    assert_eq!(counts.timeouts, 0, "{m:?}");
     let log = d.log();
     assert!(
         log.contains("cut off: sent 0x47 where a request must start"),
@@ -168,10 +170,9 @@ fn read_only_certificates_read_but_their_writes_never_reach_the_module() {
     let emu = Emulator::start(&dir.path().join("ao4"), "AO4", AO4);
     let d = Daemon::start(
         port_block(),
-        &format!(
-            "{}[relay]\ntransport = \"mtls\"\n",
-            static_device(&emu.link, AO4)
-        ),
+        Conf::new()
+            .device(&emu.link, AO4)
+            .relay(r#"transport = "mtls""#),
         None,
     );
     let port = d.wait_serving(AO4);
@@ -201,7 +202,11 @@ fn read_only_certificates_read_but_their_writes_never_reach_the_module() {
     assert_eq!(socat_tls(port, &ro, "dashboard", &get_uv(0)), want);
 
     let m = d.module(AO4).unwrap();
-    assert_eq!(m["metrics"]["denied_writes"], 3, "{m}");
+    assert_eq!(
+        m.metrics.as_ref().map(|c| c.denied_writes),
+        Some(3),
+        "{m:?}"
+    );
     let log = d.log();
     assert!(
         log.contains("refused SetIo from read-only client")
@@ -223,22 +228,23 @@ fn shared_mode_applies_the_module_timeout() {
     let emu = Emulator::start_with(&dir.path().join("m"), "AO4", serial, &["--silent"]);
     let d = Daemon::start(
         port_block(),
-        &format!(
-            "{}[relay]\ntransport = \"plain\"\npolicy = \"shared\"\n[limits]\nanswer_timeout_ms = 300\n",
-            static_device(&emu.link, serial)
-        ),
+        Conf::new()
+            .device(&emu.link, serial)
+            .relay(r#"transport = "plain""#)
+            .relay(r#"policy = "shared""#)
+            .limits("answer_timeout_ms = 300"),
         None,
     );
     let port = d.wait_serving(serial);
     let m = wait_until("identification to give up", || {
-        d.module(serial).filter(|m| m["identity_state"] == "failed")
+        d.module(serial).filter(|m| m.identity_state == "failed")
     });
     assert!(
-        m["identity_error"]
-            .as_str()
+        m.identity_error
+            .as_deref()
             .unwrap()
             .contains("no answer to GetId within 300 ms"),
-        "{m}"
+        "{m:?}"
     );
     let mut a = connect(port);
     let mut b = connect(port);
@@ -249,10 +255,11 @@ fn shared_mode_applies_the_module_timeout() {
     let mut buf = [0u8; 4];
     assert!(a.read(&mut buf).is_err(), "no answer is invented");
     let m = wait_until("two timeouts", || {
-        d.module(serial).filter(|m| m["metrics"]["timeouts"] == 2)
+        d.module(serial)
+            .filter(|m| m.metrics.as_ref().is_some_and(|c| c.timeouts == 2))
     });
-    assert_eq!(m["metrics"]["requests"], 2, "{m}");
-    assert_eq!(m["clients"], 2, "{m}");
+    assert_eq!(m.metrics.as_ref().map(|c| c.requests), Some(2), "{m:?}");
+    assert_eq!(m.clients, 2, "{m:?}");
     assert!(
         d.log()
             .contains("module did not answer GetId within 300 ms")

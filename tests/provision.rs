@@ -69,10 +69,9 @@ fn a_valid_stick_gets_working_certificates_once() {
     let emu = Emulator::start(&dir.path().join("ao4"), "AO4", AO4);
     let d = Daemon::start(
         port_block(),
-        &format!(
-            "{}[relay]\ntransport = \"mtls\"\n",
-            static_device(&emu.link, AO4)
-        ),
+        Conf::new()
+            .device(&emu.link, AO4)
+            .relay(r#"transport = "mtls""#),
         None,
     );
     let port = d.wait_serving(AO4);
@@ -634,10 +633,9 @@ fn an_import_installs_the_operators_pki() {
     let emu = Emulator::start(&dir.path().join("ao4"), "AO4", AO4);
     let d = Daemon::start(
         port_block(),
-        &format!(
-            "{}[relay]\ntransport = \"mtls\"\n",
-            static_device(&emu.link, AO4)
-        ),
+        Conf::new()
+            .device(&emu.link, AO4)
+            .relay(r#"transport = "mtls""#),
         None,
     );
     let port = d.wait_serving(AO4);

@@ -16,10 +16,10 @@ fn module_present_at_start_is_served_on_its_serial_port_and_socat_gets_get_id() 
     let port = d.wait_serving(AO4);
     assert_eq!(port, base + 216, "port = base + serial % span");
     let m = d.module(AO4).unwrap();
-    assert_eq!(m["devnode"], "/dev/ttyACM0");
-    assert_eq!(m["model"], "LucidIo_AO4");
-    assert_eq!(m["transport"], "plain");
-    assert_eq!(m["serial_source"], "udev");
+    assert_eq!(m.devnode, "/dev/ttyACM0");
+    assert_eq!(m.model, "LucidIo_AO4");
+    assert_eq!(m.transport, "plain");
+    assert_eq!(m.serial_source, "udev");
     // A real socat client, byte for byte.
     assert_eq!(socat_exchange(port, &GET_ID), get_id_answer(AO4));
     // `lucidgate port` agrees without asking the daemon.
@@ -35,7 +35,7 @@ fn hotplug_two_modules_get_different_ports_and_replug_keeps_the_port() {
     let mut bed = Umockdev::start();
     let base = port_block();
     let d = Daemon::start(base, "", Some(&bed));
-    assert_eq!(d.status()["modules"].as_array().unwrap().len(), 0);
+    assert_eq!(d.status().modules.len(), 0);
 
     let t0 = Instant::now();
     let a = bed.add_module(0, AO4);
@@ -74,7 +74,7 @@ fn hotplug_two_modules_get_different_ports_and_replug_keeps_the_port() {
     // Replug (on another USB socket and tty): same serial, same port.
     bed.add_module(2, AO4);
     assert_eq!(d.wait_serving(AO4), pa);
-    assert_eq!(d.module(AO4).unwrap()["devnode"], "/dev/ttyACM2");
+    assert_eq!(d.module(AO4).unwrap().devnode, "/dev/ttyACM2");
     let mut c = connect(pa);
     assert_eq!(ask(&mut c, &GET_ID), get_id_answer(AO4));
     drop(b);
@@ -88,7 +88,7 @@ fn other_ttys_are_ignored_and_rules_in_config_add_them() {
     let base = port_block();
     let d = Daemon::start(base, "", Some(&bed));
     d.wait_serving(AO4);
-    let mods = d.status()["modules"].as_array().unwrap().clone();
+    let mods = d.status().modules;
     assert_eq!(mods.len(), 1, "only the LucidControl module: {mods:?}");
     drop(d);
 
@@ -124,8 +124,8 @@ fn port_survives_daemon_restart_and_collisions_are_remembered() {
     d.restart(Some(&bed2));
     assert_eq!(d.wait_serving("11001001FA4803E8"), probed);
     assert_eq!(
-        d.module("11001001FA4803E8").unwrap()["port_source"],
-        "registry"
+        d.module("11001001FA4803E8").unwrap().port_source.as_deref(),
+        Some("registry")
     );
     bed2.add_module(1, AO4);
     assert_eq!(d.wait_serving(AO4), derived);

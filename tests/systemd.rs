@@ -76,7 +76,7 @@ fn notify_protocol_ready_status_watchdog_reloading_stopping_in_order() {
             }
         }
     });
-    let mut d = Daemon::prepare(dir, base, &static_device(&link, AO4));
+    let mut d = Daemon::prepare(dir, base, Conf::new().device(&link, AO4));
     d.env = vec![
         ("NOTIFY_SOCKET".into(), sock_path.display().to_string()),
         ("WATCHDOG_USEC".into(), "400000".into()),
@@ -151,12 +151,8 @@ fn reload_keeps_unchanged_relays_moves_changed_ports_and_refuses_bad_config() {
     let (la, lb) = (dir.path().join("a"), dir.path().join("b"));
     let _ea = Emulator::start(&la, "AO4", AO4);
     let _eb = Emulator::start(&lb, "AO4", "11001001FA480001");
-    let base = format!(
-        "{}{}",
-        static_device(&la, AO4),
-        static_device(&lb, "11001001FA480001")
-    );
-    let d = Daemon::start(port_block(), &base, None);
+    let both = Conf::new().device(&la, AO4).device(&lb, "11001001FA480001");
+    let d = Daemon::start(port_block(), &both, None);
     let pa = d.wait_serving(AO4);
     let pb = d.wait_serving("11001001FA480001");
     let mut client = connect(pa);
@@ -165,9 +161,10 @@ fn reload_keeps_unchanged_relays_moves_changed_ports_and_refuses_bad_config() {
     // Module B gets a fixed port (the last of the range): B moves, A's client keeps its
     // session.
     let fixed = d.base + PORT_SPAN - 1;
-    d.rewrite_config(&format!(
-        "{base}[modules.\"11001001FA480001\"]\nport = {fixed}\n"
-    ));
+    d.rewrite_config(
+        both.clone()
+            .module("11001001FA480001", format!("port = {fixed}")),
+    );
     let out = d.cli(&["reload"]);
     assert!(
         out.status.success(),
@@ -219,7 +216,7 @@ fn reload_keeps_unchanged_relays_moves_changed_ports_and_refuses_bad_config() {
     assert_eq!(ask(&mut cb, &GET_IO_UV)[..2], [0x00, 0x04]);
 
     // SIGHUP works too: removing B from the config stops it.
-    d.rewrite_config(&static_device(&la, AO4));
+    d.rewrite_config(Conf::new().device(&la, AO4));
     d.signal(Signal::SIGHUP);
     d.wait_absent("11001001FA480001");
     let mut buf = [0u8; 4];
@@ -270,10 +267,9 @@ fn journald_gets_structured_fields_for_plug_connect_and_refuse() {
     let mut d = Daemon::prepare(
         dir,
         port_block(),
-        &format!(
-            "{}[relay]\ntransport = \"mtls\"\n",
-            static_device(&link, AO4)
-        ),
+        Conf::new()
+            .device(&link, AO4)
+            .relay(r#"transport = "mtls""#),
     );
     d.wrapper = vec![
         "unshare".into(),

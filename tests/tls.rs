@@ -10,19 +10,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A daemon with its default transport (mutual TLS) serving one emulated AO4.
-fn tls_daemon(base: u16, extra: &str) -> (Daemon, Emulator, u16) {
+/// A daemon with its default transport (mutual TLS) serving one emulated AO4, plus `extra`.
+fn tls_daemon(base: u16, extra: Conf) -> (Daemon, Emulator, u16) {
     let link_dir = tempfile::tempdir().unwrap().keep();
     let link = link_dir.join("lio0");
     let emu = Emulator::start(&link, "AO4", AO4);
-    let d = Daemon::start(
-        base,
-        &format!("{}[relay]\n{extra}", static_device(&link, AO4)),
-        None,
-    );
+    let d = Daemon::start(base, extra.device(&link, AO4).default_transport(), None);
     let port = d.wait_serving(AO4);
     assert_eq!(
-        d.module(AO4).unwrap()["transport"],
+        d.module(AO4).unwrap().transport,
         "mtls",
         "TLS with client certs is the default"
     );
@@ -59,7 +55,7 @@ fn presented_serial(port: u16, ca: &Path) -> String {
 
 #[test]
 fn socat_with_a_client_certificate_reaches_the_module_and_certificates_verify() {
-    let (d, _emu, port) = tls_daemon(port_block(), "");
+    let (d, _emu, port) = tls_daemon(port_block(), Conf::new());
     let alice = issue_client(&d, "alice", &["--modules", AO4]);
     assert_eq!(
         socat_tls(port, &alice, "alice", &GET_ID),
@@ -134,17 +130,15 @@ fn socat_with_a_client_certificate_reaches_the_module_and_certificates_verify() 
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let m = wait_until("client listed", || {
-        d.module(AO4).filter(|m| m["clients"] == 1)
-    });
-    assert!(m["client"].as_str().unwrap().contains("(alice)"), "{m}");
+    let m = wait_until("client listed", || d.module(AO4).filter(|m| m.clients == 1));
+    assert!(m.client.as_deref().unwrap().contains("(alice)"), "{m:?}");
     let _ = s.kill();
     let _ = s.wait();
 }
 
 #[test]
 fn every_refusal_case_is_refused_logged_and_leaves_allowed_clients_alone() {
-    let (d, _emu, port) = tls_daemon(port_block(), "");
+    let (d, _emu, port) = tls_daemon(port_block(), Conf::new());
     let good = issue_client(&d, "good", &["--all"]);
     let other_module = issue_client(&d, "elsewhere", &["--modules", "11001001FA480001"]);
     let revoked = issue_client(&d, "gone", &["--all"]);
@@ -249,7 +243,7 @@ fn every_refusal_case_is_refused_logged_and_leaves_allowed_clients_alone() {
     drop(keep_in);
     let _ = keep.wait();
     wait_until("kept session closed", || {
-        (d.module(AO4).unwrap()["clients"] == 0).then_some(())
+        (d.module(AO4).unwrap().clients == 0).then_some(())
     });
     let (got, err) = s_client(port, &ca, &cert_args(&good, "good"), &GET_ID);
     assert_eq!(got, get_id_answer(AO4), "{err}");
@@ -263,7 +257,7 @@ fn expired_client_certificates_are_refused() {
     let _emu = Emulator::start(&link, "AO4", AO4);
     let mut d = Daemon::start(
         port_block(),
-        &format!("{}[relay]\n", static_device(&link, AO4)),
+        Conf::new().device(&link, AO4).default_transport(),
         None,
     );
     let old = issue_client(&d, "old", &["--all", "--days", "365"]);
@@ -295,7 +289,10 @@ fn expired_client_certificates_are_refused() {
 fn server_certificate_rotates_under_load_without_dropping_a_frame() {
     // A 6 s server certificate is renewed after 4 s; a client exchanging frames every few ms
     // across the swap sees no error, and a new connection sees the new certificate.
-    let (d, _emu, port) = tls_daemon(port_block(), "[tls]\nserver_cert_lifetime = \"6s\"\n");
+    let (d, _emu, port) = tls_daemon(
+        port_block(),
+        Conf::new().table("tls", r#"server_cert_lifetime = "6s""#),
+    );
     let c = issue_client(&d, "load", &["--all"]);
     let ca = c.join("ca.crt");
     let before = presented_serial(port, &ca);
@@ -341,7 +338,7 @@ fn server_certificate_rotates_under_load_without_dropping_a_frame() {
 
 #[test]
 fn ca_rotation_accepts_both_cas_during_the_overlap_and_only_the_new_one_after() {
-    let (d, _emu, port) = tls_daemon(port_block(), "");
+    let (d, _emu, port) = tls_daemon(port_block(), Conf::new());
     let old = issue_client(&d, "old", &["--all"]);
     let o = d.cli(&["cert", "rotate-ca", "--overlap", "10s"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -381,7 +378,7 @@ fn ca_rotation_accepts_both_cas_during_the_overlap_and_only_the_new_one_after() 
 
 #[test]
 fn restart_keeps_the_ca_and_a_broken_key_is_a_clear_error() {
-    let (mut d, _emu, port) = tls_daemon(port_block(), "");
+    let (mut d, _emu, port) = tls_daemon(port_block(), Conf::new());
     let c = issue_client(&d, "keep", &["--all"]);
     let ca_before = std::fs::read(d.dir.path().join("state/pki/ca.crt")).unwrap();
     assert!(d.stop().success());
@@ -437,12 +434,12 @@ fn plain_and_server_only_tls_are_opt_in_and_warned_about() {
     let (l1, l2) = (link_dir.path().join("a"), link_dir.path().join("b"));
     let _e1 = Emulator::start(&l1, "AO4", AO4);
     let _e2 = Emulator::start(&l2, "AO4", "11001001FA480001");
-    let extra = format!(
-        "{}{}[relay]\ntransport = \"plain\"\n[modules.\"11001001FA480001\"]\ntransport = \"tls\"\n",
-        static_device(&l1, AO4),
-        static_device(&l2, "11001001FA480001")
-    );
-    let d = Daemon::start(port_block(), &extra, None);
+    let extra = Conf::new()
+        .device(&l1, AO4)
+        .device(&l2, "11001001FA480001")
+        .relay(r#"transport = "plain""#)
+        .module("11001001FA480001", r#"transport = "tls""#);
+    let d = Daemon::start(port_block(), extra, None);
     let p1 = d.wait_serving(AO4);
     let p2 = d.wait_serving("11001001FA480001");
     assert_eq!(socat_exchange(p1, &GET_ID), get_id_answer(AO4));

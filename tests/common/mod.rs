@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lucidgate::protocol::Answer;
-use serde_json::Value;
+use lucidgate::status::{ModuleStatus, StatusReport};
 
 /// How long a test waits for something that should take milliseconds.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -156,7 +156,7 @@ pub struct Daemon {
 impl Daemon {
     /// Writes a config (loopback only, ports from `base`) plus `extra` and starts the daemon;
     /// under `bed`'s umockdev preload when given. Returns once `status` answers.
-    pub fn start(base: u16, extra: &str, bed: Option<&Umockdev>) -> Daemon {
+    pub fn start(base: u16, extra: impl std::fmt::Display, bed: Option<&Umockdev>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         Self::start_in(dir, base, extra, bed)
     }
@@ -165,7 +165,7 @@ impl Daemon {
     pub fn start_in(
         dir: tempfile::TempDir,
         base: u16,
-        extra: &str,
+        extra: impl std::fmt::Display,
         bed: Option<&Umockdev>,
     ) -> Daemon {
         let mut d = Self::prepare(dir, base, extra);
@@ -174,7 +174,7 @@ impl Daemon {
     }
 
     /// Writes the config but does not start the daemon (set `env`/`wrapper`, then `restart`).
-    pub fn prepare(dir: tempfile::TempDir, base: u16, extra: &str) -> Daemon {
+    pub fn prepare(dir: tempfile::TempDir, base: u16, extra: impl std::fmt::Display) -> Daemon {
         let config = dir.path().join("lucidgate.toml");
         let log = dir.path().join("daemon.log");
         let d = Daemon {
@@ -192,8 +192,9 @@ impl Daemon {
     }
 
     /// Writes the config: loopback only, state and socket in the test's directory, ports from
-    /// `base`, plus `extra` (also how reload tests change it).
-    pub fn rewrite_config(&self, extra: &str) {
+    /// `base`, plus `extra` (also how reload tests change it): a [`Conf`], or TOML as text.
+    pub fn rewrite_config(&self, extra: impl std::fmt::Display) {
+        let extra = extra.to_string();
         let state = self.dir.path().join("state");
         let sock = self.dir.path().join("control.sock");
         std::fs::write(
@@ -298,25 +299,35 @@ impl Daemon {
             .unwrap()
     }
 
-    pub fn try_status(&self) -> Option<Value> {
+    /// `status --json` as the daemon wrote it, when it answers (for the checks of the wire form;
+    /// everything else reads [`status`](Self::status)).
+    pub fn try_status_json(&self) -> Option<String> {
         let out = self.cli(&["status", "--json"]);
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+        out.status
+            .success()
+            .then(|| String::from_utf8(out.stdout).expect("status --json is UTF-8"))
     }
 
-    pub fn status(&self) -> Value {
+    /// The status report, when the daemon answers. An answer that is not a status report fails
+    /// the test.
+    pub fn try_status(&self) -> Option<StatusReport> {
+        let json = self.try_status_json()?;
+        Some(
+            serde_json::from_str(&json)
+                .unwrap_or_else(|e| panic!("status --json is not a status report ({e}):\n{json}")),
+        )
+    }
+
+    pub fn status(&self) -> StatusReport {
         self.try_status()
             .unwrap_or_else(|| panic!("status failed; daemon log:\n{}", self.log()))
     }
 
-    pub fn module(&self, serial: &str) -> Option<Value> {
-        self.status()["modules"]
-            .as_array()?
-            .iter()
-            .find(|m| m["serial"] == serial)
-            .cloned()
+    pub fn module(&self, serial: &str) -> Option<ModuleStatus> {
+        self.status()
+            .modules
+            .into_iter()
+            .find(|m| m.serial == serial)
     }
 
     /// Waits until `serial` is served and returns its port.
@@ -324,13 +335,13 @@ impl Daemon {
         let start = Instant::now();
         loop {
             if let Some(m) = self.module(serial)
-                && m["state"] == "serving"
+                && m.state == "serving"
             {
-                return m["port"].as_u64().unwrap() as u16;
+                return m.port.expect("a served module has a port");
             }
             assert!(
                 start.elapsed() < PATIENCE,
-                "{serial} not served; status {}\nlog:\n{}",
+                "{serial} not served; status {:?}\nlog:\n{}",
                 self.status(),
                 self.log()
             );
@@ -388,8 +399,8 @@ impl Daemon {
     }
 
     /// Tasks alive in the daemon's async runtime (from `status --json`).
-    pub fn task_count(&self) -> u64 {
-        self.status()["tasks"].as_u64().expect("status has tasks")
+    pub fn task_count(&self) -> usize {
+        self.status().tasks
     }
 
     /// Tasks (threads) of the daemon process.
@@ -743,12 +754,96 @@ pub fn s_client(
     )
 }
 
-/// A `[[device]]` entry serving the tty at `link` as module `serial`.
-pub fn static_device(link: &Path, serial: &str) -> String {
-    format!(
-        "[[device]]\npath = \"{}\"\nserial = \"{serial}\"\n",
-        link.display()
-    )
+/// The `extra` part of a test daemon's config ([`Daemon::start`], [`Daemon::rewrite_config`]),
+/// written as TOML by `Display`: `[[device]]` entries, then the tables in the order first named.
+/// Keys are TOML lines as in the config file; naming a table again adds to it.
+///
+/// ```ignore
+/// Conf::new()
+///     .device(&link, AO4)
+///     .relay(r#"policy = "shared""#)
+///     .limits("answer_timeout_ms = 300")
+///     .module(AO4, r#"transport = "tls""#)
+/// ```
+///
+/// `rewrite_config` adds `[relay] transport = "plain"` and `[discovery] mdns = false` unless
+/// the extra has that table: any `.relay(...)` (even [`Conf::default_transport`]) gives up the
+/// tests' plain TCP, and any `.table("discovery", ...)` the tests' mDNS off.
+#[derive(Debug, Clone, Default)]
+pub struct Conf {
+    /// (path, serial) of each `[[device]]`.
+    devices: Vec<(PathBuf, String)>,
+    /// (header, key lines) of each table.
+    tables: Vec<(String, Vec<String>)>,
+}
+
+impl Conf {
+    pub fn new() -> Conf {
+        Conf::default()
+    }
+
+    /// A `[[device]]` entry serving the tty at `link` as module `serial`.
+    pub fn device(mut self, link: &Path, serial: &str) -> Conf {
+        self.devices.push((link.to_path_buf(), serial.to_string()));
+        self
+    }
+
+    /// Keys of `[relay]`.
+    pub fn relay(self, keys: impl std::fmt::Display) -> Conf {
+        self.table("relay", keys)
+    }
+
+    /// An empty `[relay]`: lucidgate's own default transport (mutual TLS) instead of the tests'
+    /// plain TCP.
+    pub fn default_transport(self) -> Conf {
+        self.table("relay", "")
+    }
+
+    /// Keys of `[limits]`.
+    pub fn limits(self, keys: impl std::fmt::Display) -> Conf {
+        self.table("limits", keys)
+    }
+
+    /// Keys of `[modules."SERIAL"]`.
+    pub fn module(self, serial: &str, keys: impl std::fmt::Display) -> Conf {
+        self.table(&format!("modules.\"{serial}\""), keys)
+    }
+
+    /// Keys of any other table (`[tls]`, `[metrics]`, `[discovery]`, `[provision]` ...); an
+    /// empty `keys` only makes sure the table is there.
+    pub fn table(mut self, name: &str, keys: impl std::fmt::Display) -> Conf {
+        let keys = keys.to_string();
+        let i = match self.tables.iter().position(|(n, _)| n == name) {
+            Some(i) => i,
+            None => {
+                self.tables.push((name.to_string(), Vec::new()));
+                self.tables.len() - 1
+            }
+        };
+        if !keys.is_empty() {
+            self.tables[i].1.push(keys);
+        }
+        self
+    }
+}
+
+impl std::fmt::Display for Conf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (path, serial) in &self.devices {
+            writeln!(
+                f,
+                "[[device]]\npath = \"{}\"\nserial = \"{serial}\"",
+                path.display()
+            )?;
+        }
+        for (name, keys) in &self.tables {
+            writeln!(f, "[{name}]")?;
+            for k in keys {
+                writeln!(f, "{}", k.trim_end_matches('\n'))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A TLS client configuration from a directory made by [`issue_client`] (rustls, as a real
