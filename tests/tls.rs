@@ -467,12 +467,12 @@ fn a_reload_that_changes_the_allow_list_takes_effect() {
     let link = link_dir.path().join("lio0");
     let _emu = Emulator::start(&link, "AO4", AO4);
     let allow = |names: &str| {
-        format!(
-            "{}[relay]\n[modules.\"{AO4}\"]\nallow = [{names}]\n",
-            static_device(&link, AO4)
-        )
+        Conf::new()
+            .device(&link, AO4)
+            .default_transport()
+            .module(AO4, format!("allow = [{names}]"))
     };
-    let d = Daemon::start(port_block(), &allow("\"laptop\""), None);
+    let d = Daemon::start(port_block(), allow("\"laptop\""), None);
     let port = d.wait_serving(AO4);
     let laptop = issue_client(&d, "laptop", &["--all"]);
     let tablet = issue_client(&d, "tablet", &["--all"]);
@@ -485,7 +485,7 @@ fn a_reload_that_changes_the_allow_list_takes_effect() {
         "tablet is not allowed"
     );
 
-    d.rewrite_config(&allow("\"tablet\""));
+    d.rewrite_config(allow("\"tablet\""));
     let out = d.cli(&["reload"]);
     assert!(out.status.success(), "{out:?}");
     let port = d.wait_serving(AO4);
