@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -456,7 +456,6 @@ fn plain_and_server_only_tls_are_opt_in_and_warned_about() {
         log.lines()
             .any(|l| l.contains("insecure-transport") && l.contains("without client certificates"))
     );
-    let _ = std::io::BufReader::new(std::io::empty()).lines();
 }
 
 /// `[modules."SERIAL"] allow` names the clients that may use a module; a reload that changes
