@@ -14,13 +14,13 @@ use crate::pty::Pty;
 
 /// The options of `lucidgate emulate`.
 pub(super) struct EmulateArgs {
-    pub class: String,
-    pub serial: Option<String>,
-    pub link: Option<PathBuf>,
-    pub fd: Option<i32>,
-    pub silent: bool,
-    pub ignore_first: u64,
-    pub answer_delay_ms: u64,
+    pub(crate) class: String,
+    pub(crate) serial: Option<String>,
+    pub(crate) link: Option<PathBuf>,
+    pub(crate) fd: Option<i32>,
+    pub(crate) silent: bool,
+    pub(crate) ignore_first: u64,
+    pub(crate) answer_delay_ms: u64,
 }
 
 pub(super) fn emulate_cmd(a: EmulateArgs) -> Result<i32> {
