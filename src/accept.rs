@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// First pause after a failed accept (e.g. out of file descriptors); doubles up to the max.
-pub(crate) const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
 /// Longest pause between two failed accepts.
-pub(crate) const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A listening socket the loop can accept from: a TCP or a unix stream listener, or a wrapper
 /// that owns one (the control socket with its file).

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const CLOCK_OFFSET_ENV: &str = "LUCIDGATE_DANGEROUS_CLOCK_OFFSET_SECS";
 
 /// When this binary was built (UNIX seconds); an earlier clock is certainly wrong.
-pub const BUILD_UNIX: &str = env!("LUCIDGATE_BUILD_UNIX");
+const BUILD_UNIX: &str = env!("LUCIDGATE_BUILD_UNIX");
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -35,7 +35,8 @@ impl SystemClock {
         SystemClock { offset_secs }
     }
 
-    pub fn with_offset(offset_secs: i64) -> SystemClock {
+    #[cfg(test)]
+    pub(crate) fn with_offset(offset_secs: i64) -> SystemClock {
         SystemClock { offset_secs }
     }
 }
@@ -52,15 +53,15 @@ impl Clock for SystemClock {
     }
 }
 
-pub type SharedClock = Arc<dyn Clock>;
+pub(crate) type SharedClock = Arc<dyn Clock>;
 
 /// The build time as a `SystemTime`.
-pub fn build_time() -> SystemTime {
+fn build_time() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(BUILD_UNIX.parse().unwrap_or(0))
 }
 
 /// `Some(why)` when `now` is clearly wrong: earlier than the build of this binary.
-pub fn implausible(now: SystemTime) -> Option<String> {
+pub(crate) fn implausible(now: SystemTime) -> Option<String> {
     let built = build_time();
     (now < built).then(|| {
         format!(
@@ -72,7 +73,7 @@ pub fn implausible(now: SystemTime) -> Option<String> {
 }
 
 /// Seconds since the epoch.
-pub fn unix(t: SystemTime) -> i64 {
+pub(crate) fn unix(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
@@ -81,7 +82,7 @@ pub fn unix(t: SystemTime) -> i64 {
 
 /// rustls asks this for "now" when it checks certificates.
 #[derive(Debug)]
-pub struct RustlsTime(pub SharedClock);
+pub(crate) struct RustlsTime(pub SharedClock);
 
 impl rustls::time_provider::TimeProvider for RustlsTime {
     fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {

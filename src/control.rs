@@ -21,14 +21,14 @@ use crate::accept::{self, ConnectionLimit};
 use crate::status::StatusReport;
 
 /// Longest request line accepted.
-pub const MAX_REQUEST_BYTES: usize = 4096;
+const MAX_REQUEST_BYTES: usize = 4096;
 /// A control client must send its request and take its answer within this time.
-pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a control client may ask.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Command {
+pub(crate) enum Command {
     Status,
     /// Re-read the PKI (after `lucidgate cert ...` changed it).
     ReloadPki,
@@ -38,7 +38,7 @@ pub enum Command {
 
 /// What the daemon answers; JSON only on the socket ([`Reply::to_json`], [`Reply::from_json`]).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Reply {
+pub(crate) enum Reply {
     Status(Box<StatusReport>),
     /// The config was re-read: what is served now, with notes on what waits for a restart.
     Reloaded(String),
@@ -49,7 +49,7 @@ pub enum Reply {
 
 impl Reply {
     /// The wire form: one JSON object.
-    pub fn to_json(&self) -> serde_json::Value {
+    fn to_json(&self) -> serde_json::Value {
         match self {
             Reply::Status(r) => serde_json::to_value(r).unwrap_or_else(
                 |e| serde_json::json!({ "error": format!("cannot encode the status: {e}") }),
@@ -61,7 +61,7 @@ impl Reply {
     }
 
     /// Reads the wire form of the answer to `command`.
-    pub fn from_json(command: &Command, value: serde_json::Value) -> Result<Reply, String> {
+    fn from_json(command: &Command, value: serde_json::Value) -> Result<Reply, String> {
         if let Some(err) = value.get("error").and_then(|e| e.as_str()) {
             return Ok(Reply::Refused(err.to_string()));
         }
@@ -78,15 +78,15 @@ impl Reply {
 }
 
 /// A request handed to the supervisor, with where to send the answer.
-pub struct Request {
-    pub command: Command,
-    pub reply: oneshot::Sender<Reply>,
+pub(crate) struct Request {
+    pub(crate) command: Command,
+    pub(crate) reply: oneshot::Sender<Reply>,
 }
 
 /// The bound control socket: its listener and its file. The file lives as long as the
 /// listener: it is removed when the server stops (or when the socket is dropped unserved, e.g.
 /// the daemon fails to start after binding it), and by nothing else.
-pub struct ControlSocket {
+pub(crate) struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
 }
@@ -110,7 +110,7 @@ impl accept::Listener for ControlSocket {
 
 /// Binds the control socket (0660). A stale socket file (no daemon behind it) is replaced; a
 /// live one means another lucidgate is running, which is an error.
-pub async fn bind(path: &Path) -> Result<ControlSocket> {
+pub(crate) async fn bind(path: &Path) -> Result<ControlSocket> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
@@ -141,7 +141,7 @@ pub async fn bind(path: &Path) -> Result<ControlSocket> {
 
 /// Serves control clients until `cancel`, at most `max_clients` at once, each within
 /// [`CONTROL_TIMEOUT`]; the socket file is removed when it stops.
-pub fn spawn_server(
+pub(crate) fn spawn_server(
     socket: ControlSocket,
     to_supervisor: mpsc::Sender<Request>,
     max_clients: usize,
@@ -168,7 +168,7 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>, _permit: OwnedSem
     let answer = match reader.read_until(b'\n', &mut line).await {
         Err(e) => Reply::Refused(format!("reading request: {e}")),
         Ok(_) => match parse_request(&line) {
-            Err(e) => Reply::Refused(e),
+            Err(e) => Reply::Refused(e.to_string()),
             Ok(command) => {
                 let (reply, rx) = oneshot::channel();
                 if tx.send(Request { command, reply }).await.is_err() {
@@ -185,19 +185,27 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>, _permit: OwnedSem
     let _ = wr.shutdown().await;
 }
 
+/// A request line that is not a command; its message is what the client is told.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RequestError {
+    #[error("request longer than {MAX_REQUEST_BYTES} bytes")]
+    TooLong,
+    #[error("bad request: {0}; send one JSON line such as {{\"cmd\":\"status\"}}")]
+    Json(serde_json::Error),
+}
+
 /// Parses one request line of the control protocol (a JSON object such as
-/// `{"cmd":"status"}`, at most [`MAX_REQUEST_BYTES`]); the error is what the client is told.
-pub fn parse_request(line: &[u8]) -> Result<Command, String> {
+/// `{"cmd":"status"}`, at most [`MAX_REQUEST_BYTES`]).
+pub(crate) fn parse_request(line: &[u8]) -> Result<Command, RequestError> {
     if line.len() > MAX_REQUEST_BYTES {
-        return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+        return Err(RequestError::TooLong);
     }
-    serde_json::from_slice::<Command>(line)
-        .map_err(|e| format!("bad request: {e}; send one JSON line such as {{\"cmd\":\"status\"}}"))
+    serde_json::from_slice::<Command>(line).map_err(RequestError::Json)
 }
 
 /// Sends `command` to the daemon at `path` and returns its answer; a refusal is an error that
 /// says why.
-pub async fn ask(path: &Path, command: &Command) -> Result<Reply> {
+pub(crate) async fn ask(path: &Path, command: &Command) -> Result<Reply> {
     let stream = match UnixStream::connect(path).await {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {

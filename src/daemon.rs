@@ -31,15 +31,15 @@ const CONTROL_QUEUE: usize = 16;
 
 /// Options of `lucidgate serve` beyond the config.
 #[derive(Debug, Default, Clone)]
-pub struct ServeOptions {
+pub(crate) struct ServeOptions {
     /// Do not watch udev (only `[[device]]` entries are served).
-    pub no_udev: bool,
+    pub(crate) no_udev: bool,
     /// Where the config was read from (for reloads).
-    pub source: ConfigSource,
+    pub(crate) source: ConfigSource,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM: state, control socket, udev watch, supervisor.
-pub async fn serve(
+pub(crate) async fn serve(
     config: Config,
     opts: ServeOptions,
     lifecycle: &mut dyn Lifecycle,
@@ -189,6 +189,6 @@ fn spawn_signal_handler(cancel: CancellationToken, reload: mpsc::Sender<()>) -> 
 }
 
 /// Path of the state dir's port registry (for `lucidgate port`).
-pub fn registry_path(config: &Config) -> PathBuf {
+pub(crate) fn registry_path(config: &Config) -> PathBuf {
     config.state_dir.join(crate::ports::REGISTRY_FILE)
 }

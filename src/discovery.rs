@@ -19,34 +19,34 @@ use crate::config::DiscoveryConfig;
 use crate::config::check::MAX_LABEL;
 
 /// The DNS-SD service type of a lucidgate relay.
-pub const SERVICE_TYPE: &str = "_lucidgate._tcp.local.";
+const SERVICE_TYPE: &str = "_lucidgate._tcp.local.";
 /// How long `discover` and `attach SERIAL` listen for answers by default.
-pub const BROWSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const BROWSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// What is announced for one module.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Announcement {
-    pub serial: String,
-    pub port: u16,
+pub(crate) struct Announcement {
+    pub(crate) serial: String,
+    pub(crate) port: u16,
     /// Module class from GetId (AO4, ...), else from the USB serial, else the udev model.
-    pub class: String,
-    pub transport: String,
-    pub policy: String,
+    pub(crate) class: String,
+    pub(crate) transport: String,
+    pub(crate) policy: String,
 }
 
 /// A module found on the network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Found {
-    pub serial: String,
-    pub class: String,
-    pub transport: String,
-    pub host: String,
-    pub addresses: Vec<IpAddr>,
-    pub port: u16,
+pub(crate) struct Found {
+    pub(crate) serial: String,
+    pub(crate) class: String,
+    pub(crate) transport: String,
+    pub(crate) host: String,
+    pub(crate) addresses: Vec<IpAddr>,
+    pub(crate) port: u16,
 }
 
 /// The announcer shared by the relays (a cheap handle).
 #[derive(Clone)]
-pub struct Announcer {
+pub(crate) struct Announcer {
     daemon: ServiceDaemon,
     host: String,
     /// serial → registered full name.
@@ -79,7 +79,7 @@ fn service_daemon(interfaces: &[String]) -> Result<ServiceDaemon> {
 
 impl Announcer {
     /// Starts announcing per `cfg`; `None` when discovery is off.
-    pub fn start(cfg: &DiscoveryConfig) -> Result<Option<Announcer>> {
+    pub(crate) fn start(cfg: &DiscoveryConfig) -> Result<Option<Announcer>> {
         if !cfg.mdns {
             return Ok(None);
         }
@@ -115,7 +115,7 @@ impl Announcer {
     }
 
     /// Announces (or re-announces) one module.
-    pub fn announce(&self, a: &Announcement) {
+    pub(crate) fn announce(&self, a: &Announcement) {
         let instance = format!("{} {}", a.class, a.serial);
         let props = [
             ("serial", a.serial.as_str()),
@@ -152,7 +152,7 @@ impl Announcer {
     }
 
     /// Withdraws a module's announcement (goodbye packets), if it has one.
-    pub fn withdraw(&self, serial: &str) {
+    pub(crate) fn withdraw(&self, serial: &str) {
         let Some(fullname) = self.lock().remove(serial) else {
             return;
         };
@@ -163,7 +163,7 @@ impl Announcer {
     }
 
     /// Withdraws everything and stops the mDNS thread.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         let serials: Vec<String> = self.lock().keys().cloned().collect();
         for s in serials {
             self.withdraw(&s);
@@ -181,7 +181,11 @@ impl Announcer {
 
 /// Browses for `_lucidgate._tcp` for up to `timeout` (on `interfaces`, all when empty). Stops
 /// early once `want` (a serial) is found.
-pub fn browse(timeout: Duration, interfaces: &[String], want: Option<&str>) -> Result<Vec<Found>> {
+pub(crate) fn browse(
+    timeout: Duration,
+    interfaces: &[String],
+    want: Option<&str>,
+) -> Result<Vec<Found>> {
     let daemon = service_daemon(interfaces)?;
     let rx = daemon
         .browse(SERVICE_TYPE)

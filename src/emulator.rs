@@ -58,17 +58,17 @@ pub struct Module {
     values: Vec<i64>,
     params: BTreeMap<u16, Vec<u8>>,
     /// When true, the module swallows requests and never answers (a hung module).
-    pub silent: bool,
+    pub(crate) silent: bool,
     /// This many first requests are swallowed unanswered (a module still starting up).
-    pub ignore_first: u64,
+    pub(crate) ignore_first: u64,
     /// Each answer is sent this long after its request (a slow module: flash writes).
-    pub answer_delay: std::time::Duration,
+    pub(crate) answer_delay: std::time::Duration,
 }
 
 impl Module {
     /// A module of `class` (see [`crate::protocol::MODULE_CLASSES`]) with the given 16-hex-digit
     /// USB serial's low 32 bits as its serial number.
-    pub fn new(class: u16, type_: u16, serial: u32) -> Module {
+    fn new(class: u16, type_: u16, serial: u32) -> Module {
         let identity = Identity {
             fw_revision: 0x0104,
             hw_revision: 2,
@@ -111,13 +111,8 @@ impl Module {
         Some(Module::new(class, type_, number))
     }
 
-    pub fn channels(&self) -> usize {
+    fn channels(&self) -> usize {
         self.values.len()
-    }
-
-    /// The current value of a channel in the class's base unit.
-    pub fn value(&self, channel: usize) -> Option<i64> {
-        self.values.get(channel).copied()
     }
 
     fn kind(&self) -> Kind {
@@ -192,7 +187,7 @@ impl Module {
     }
 
     /// Answers one request, changing the module's state as the module would.
-    pub fn handle(&mut self, req: &Request) -> Answer {
+    fn handle(&mut self, req: &Request) -> Answer {
         match req.opcode {
             opcode::GET_ID => {
                 if !req.data.is_empty() {
@@ -316,16 +311,16 @@ impl Module {
 
 /// Counters a test or the benchmark can read while the emulator runs.
 #[derive(Debug, Default)]
-pub struct Counters {
-    pub requests: AtomicU64,
-    pub writes: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) requests: AtomicU64,
+    pub(crate) writes: AtomicU64,
 }
 
 /// A module being served on a pty master, shared with whoever started it.
 #[derive(Clone)]
 pub struct Shared {
-    pub module: Arc<Mutex<Module>>,
-    pub counters: Arc<Counters>,
+    pub(crate) module: Arc<Mutex<Module>>,
+    pub(crate) counters: Arc<Counters>,
     pub stop: Arc<AtomicBool>,
 }
 
@@ -402,7 +397,7 @@ pub fn serve_fd(fd: OwnedFd, shared: Shared) -> Result<()> {
 }
 
 /// Parses a module class given by name (`AO4`) or as 4 hex digits (`1100`).
-pub fn parse_class(s: &str) -> Option<u16> {
+pub(crate) fn parse_class(s: &str) -> Option<u16> {
     crate::protocol::class_by_name(s).or_else(|| {
         if s.len() == 4 {
             u16::from_str_radix(s, 16).ok()

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 /// The host name (`gethostname`), if the system has a readable one.
-pub fn name() -> Option<String> {
+pub(crate) fn name() -> Option<String> {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -13,7 +13,7 @@ pub fn name() -> Option<String> {
 
 /// The addresses of the machine's interfaces, without IPv6 link-local ones (they need a scope
 /// and are not used to reach a Pi).
-pub fn addresses() -> Vec<IpAddr> {
+pub(crate) fn addresses() -> Vec<IpAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };

@@ -9,30 +9,35 @@
 //! [`attach`] is the client side: a local serial port that reconnects by itself.
 //! [`emulator`] is a module on a pty, for tests, the benchmark and `lucidgate emulate`.
 
+// The library's public surface is what the binary, the tests, the benchmark and the fuzz targets
+// use; the rest is crate-private, and these docs (read with `cargo doc --document-private-items`)
+// link to it.
+#![allow(rustdoc::private_intra_doc_links)]
+
 mod accept;
 pub mod attach;
 pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod device;
-pub mod discovery;
+mod control;
+mod daemon;
+mod device;
+mod discovery;
 pub mod emulator;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod host;
-pub mod logging;
-pub mod migrate;
-pub mod openmetrics;
+mod host;
+mod logging;
+mod migrate;
+mod openmetrics;
 pub mod ports;
 pub mod protocol;
 pub mod provision;
 pub mod pty;
 pub mod relay;
-pub mod state;
+mod state;
 pub mod status;
-pub mod supervisor;
-pub mod systemd;
-pub mod transport;
+mod supervisor;
+mod systemd;
+mod transport;

@@ -10,7 +10,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 /// Where logs go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogTarget {
+pub(crate) enum LogTarget {
     /// journald when stderr is connected to the journal (`JOURNAL_STREAM`), else stderr.
     Auto,
     Stderr,
@@ -36,7 +36,7 @@ fn filter(level: &str) -> Targets {
 }
 
 /// Installs the global subscriber. `level` is used when `RUST_LOG` is not set.
-pub fn init(level: &str, target: LogTarget) {
+pub(crate) fn init(level: &str, target: LogTarget) {
     let journald = match target {
         LogTarget::Stderr => false,
         LogTarget::Journald => true,

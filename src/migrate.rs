@@ -14,16 +14,16 @@ use yaml_rust2::scanner::Marker;
 
 /// One ser2net connection, as far as lucidgate cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Connection {
+pub(crate) struct Connection {
     /// Line of the connection in the file.
-    pub line: usize,
-    pub port: u16,
-    pub device: PathBuf,
-    pub baud: Option<u32>,
-    pub enabled: bool,
-    pub kick_old: bool,
+    pub(crate) line: usize,
+    pub(crate) port: u16,
+    pub(crate) device: PathBuf,
+    pub(crate) baud: Option<u32>,
+    pub(crate) enabled: bool,
+    pub(crate) kick_old: bool,
     /// What was not carried over, with why (line-numbered).
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// A YAML node that keeps duplicate keys and lines.
@@ -93,14 +93,14 @@ impl MarkedEventReceiver for TreeBuilder {
 /// A ser2net file that cannot be read, with where.
 #[derive(Debug, thiserror::Error)]
 #[error("{origin}, line {line}: {message}")]
-pub struct ImportError {
-    pub origin: String,
-    pub line: usize,
-    pub message: String,
+pub(crate) struct ImportError {
+    pub(crate) origin: String,
+    pub(crate) line: usize,
+    pub(crate) message: String,
 }
 
 /// Reads a ser2net config (4.x YAML or 3.x conf, told apart by content).
-pub fn parse(text: &str, origin: &str) -> Result<Vec<Connection>, ImportError> {
+pub(crate) fn parse(text: &str, origin: &str) -> Result<Vec<Connection>, ImportError> {
     let looks_yaml = text.trim_start().starts_with("%YAML")
         || text
             .lines()
@@ -403,7 +403,7 @@ fn parse_conf(text: &str, origin: &str) -> Result<Vec<Connection>, ImportError> 
 
 /// How a device path was tied to a module serial.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolved {
+enum Resolved {
     /// From the `/dev/serial/by-id/...` name.
     ById(String),
     /// Asked udev about the tty (the module is plugged in).
@@ -412,7 +412,7 @@ pub enum Resolved {
 }
 
 /// The serial in a by-id name: `usb-deciphe_it_LucidIo_AO4_11001001FA480000-if00`.
-pub fn serial_from_by_id(path: &Path) -> Option<String> {
+fn serial_from_by_id(path: &Path) -> Option<String> {
     let name = path.file_name()?.to_str()?;
     if !path.to_string_lossy().contains("/serial/by-id/") {
         return None;
@@ -429,7 +429,7 @@ const MAX_LINK_HOPS: usize = 8;
 
 /// Asks udev which module serial a tty path belongs to: a `tty*` name directly, an alias
 /// (`/dev/lucid0`, `/dev/serial/by-path/...`) by its device number, else by following links.
-pub fn serial_from_udev(path: &Path) -> Option<String> {
+pub(crate) fn serial_from_udev(path: &Path) -> Option<String> {
     let of = |dev: udev::Device| -> Option<String> {
         let serial = dev.property_value("ID_SERIAL_SHORT")?.to_str()?.to_string();
         crate::config::check_serial(&serial).ok().map(|_| serial)
@@ -472,7 +472,7 @@ pub fn serial_from_udev(path: &Path) -> Option<String> {
         .and_then(of)
 }
 
-pub fn resolve(path: &Path, udev: impl Fn(&Path) -> Option<String>) -> Resolved {
+fn resolve(path: &Path, udev: impl Fn(&Path) -> Option<String>) -> Resolved {
     if let Some(s) = serial_from_by_id(path) {
         return Resolved::ById(s);
     }
@@ -486,7 +486,7 @@ pub fn resolve(path: &Path, udev: impl Fn(&Path) -> Option<String>) -> Resolved 
 }
 
 /// Turns connections into config text (to stdout) and notes (to stderr).
-pub fn render(
+pub(crate) fn render(
     conns: &[Connection],
     origin: &str,
     udev: impl Fn(&Path) -> Option<String>,

@@ -22,14 +22,14 @@ use crate::control::{Command, Reply, Request};
 use crate::status::{ModuleStatus, StatusReport};
 
 /// Largest request head read (a scraper sends a few hundred bytes).
-pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// A scrape must be sent and answered within this time.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Scrapes served at once; more wait in the kernel's backlog.
-pub const MAX_SCRAPES: usize = 4;
+const MAX_SCRAPES: usize = 4;
 
 /// Binds `addr` and serves `/metrics` until `cancel`.
-pub async fn spawn(
+pub(crate) async fn spawn(
     addr: SocketAddr,
     to_supervisor: mpsc::Sender<Request>,
     cancel: CancellationToken,
@@ -150,7 +150,7 @@ fn label(v: &str) -> String {
 }
 
 /// The status as OpenMetrics text.
-pub fn render(s: &StatusReport) -> String {
+fn render(s: &StatusReport) -> String {
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
         let _ = writeln!(out, "# TYPE lucidgate_{name} {kind}");

@@ -18,12 +18,12 @@ use crate::config::{Config, check_serial};
 use crate::state;
 
 /// File name of the registry inside `state_dir`.
-pub const REGISTRY_FILE: &str = "ports.toml";
+pub(crate) const REGISTRY_FILE: &str = "ports.toml";
 
 /// Where a module's port came from (shown in `status` and `lucidgate port`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum PortSource {
+pub(crate) enum PortSource {
     /// `[modules."SERIAL"] port = N` in config.
     Fixed,
     /// Remembered in the registry from an earlier run.
@@ -51,7 +51,7 @@ impl std::fmt::Display for PortSource {
 
 /// Why no port could be given.
 #[derive(Debug, thiserror::Error)]
-pub enum PortError {
+pub(crate) enum PortError {
     #[error("fixed port {port} is busy; free it or change [modules.\"{serial}\"] port")]
     FixedBusy {
         serial: String,
@@ -71,7 +71,7 @@ pub enum PortError {
 }
 
 /// FNV-1a, 64 bit: a stable hash for serials that are not hex numbers.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= *b as u64;
@@ -81,7 +81,7 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 }
 
 /// The number a serial stands for in the port rule.
-pub fn serial_number(serial: &str) -> u64 {
+pub(crate) fn serial_number(serial: &str) -> u64 {
     if !serial.is_empty() && serial.len() <= 16 && serial.chars().all(|c| c.is_ascii_hexdigit()) {
         u64::from_str_radix(serial, 16).unwrap_or_else(|_| fnv1a64(serial.as_bytes()))
     } else {
@@ -104,14 +104,14 @@ struct RegistryFile {
 
 /// The remembered serial → port map, persisted atomically on every change.
 #[derive(Debug)]
-pub struct Registry {
+pub(crate) struct Registry {
     path: PathBuf,
     ports: BTreeMap<String, u16>,
 }
 
 impl Registry {
     /// An empty registry that writes to `path` (nothing is written until a port is recorded).
-    pub fn empty(path: PathBuf) -> Registry {
+    pub(crate) fn empty(path: PathBuf) -> Registry {
         Registry {
             path,
             ports: BTreeMap::new(),
@@ -120,7 +120,7 @@ impl Registry {
 
     /// Loads the registry from `state_dir`. A missing file is an empty registry; a corrupt one is
     /// moved aside (ports can be derived again) and reported in the returned warnings.
-    pub fn load(state_dir: &Path) -> Result<(Registry, Vec<String>)> {
+    pub(crate) fn load(state_dir: &Path) -> Result<(Registry, Vec<String>)> {
         let path = state_dir.join(REGISTRY_FILE);
         // Temporary files of writes a crash interrupted (the files themselves are whole).
         let mut warnings = crate::state::recover_group(state_dir)?;
@@ -174,16 +174,17 @@ impl Registry {
         Ok((Registry { path, ports }, warnings))
     }
 
-    pub fn get(&self, serial: &str) -> Option<u16> {
+    fn get(&self, serial: &str) -> Option<u16> {
         self.ports.get(serial).copied()
     }
 
-    pub fn entries(&self) -> &BTreeMap<String, u16> {
+    #[cfg(test)]
+    fn entries(&self) -> &BTreeMap<String, u16> {
         &self.ports
     }
 
     /// Remembers `serial → port` and writes the registry if that changed anything.
-    pub fn record(&mut self, serial: &str, port: u16) -> Result<()> {
+    fn record(&mut self, serial: &str, port: u16) -> Result<()> {
         if self.ports.get(serial) == Some(&port) {
             return Ok(());
         }
@@ -221,7 +222,7 @@ impl Registry {
 
     /// What the rule gives `serial` without binding anything (`lucidgate port`): the port and
     /// where it comes from.
-    pub fn lookup(&self, serial: &str, config: &Config) -> (u16, PortSource) {
+    pub(crate) fn lookup(&self, serial: &str, config: &Config) -> (u16, PortSource) {
         if let Some(p) = config.module_settings(serial).fixed_port {
             (p, PortSource::Fixed)
         } else if let Some(p) = self.get(serial) {
@@ -237,7 +238,7 @@ impl Registry {
     /// Chooses and binds a port for `serial`. `bind` tries to listen on a port (it returns
     /// `AddrInUse` when another program has it); `in_use` are ports of relays running now.
     /// A derived or probed choice is persisted before it is returned.
-    pub fn assign<T>(
+    pub(crate) fn assign<T>(
         &mut self,
         serial: &str,
         config: &Config,

@@ -8,52 +8,48 @@
 use std::fmt;
 
 /// Opcodes of the LucidControl protocol.
-pub mod opcode {
-    pub const SET_IO: u8 = 0x40;
-    pub const SET_IO_GROUP: u8 = 0x42;
-    pub const GET_IO: u8 = 0x46;
-    pub const GET_IO_GROUP: u8 = 0x48;
-    pub const CALIB_IO: u8 = 0x52;
-    pub const SET_PARAM: u8 = 0xA0;
-    pub const GET_PARAM: u8 = 0xA2;
-    pub const GET_ID: u8 = 0xC0;
+pub(crate) mod opcode {
+    pub(crate) const SET_IO: u8 = 0x40;
+    pub(crate) const SET_IO_GROUP: u8 = 0x42;
+    pub(crate) const GET_IO: u8 = 0x46;
+    pub(crate) const GET_IO_GROUP: u8 = 0x48;
+    pub(crate) const CALIB_IO: u8 = 0x52;
+    pub(crate) const SET_PARAM: u8 = 0xA0;
+    pub(crate) const GET_PARAM: u8 = 0xA2;
+    pub(crate) const GET_ID: u8 = 0xC0;
 }
 
-/// Status codes of an answer.
-pub mod status {
-    pub const OK: u8 = 0x00;
-    pub const NOT_SUPPORTED: u8 = 0xA0;
-    pub const BAD_LENGTH: u8 = 0xB0;
-    pub const BAD_P1: u8 = 0xB2;
-    pub const BAD_P2: u8 = 0xB4;
-    pub const BAD_VALUE: u8 = 0xB6;
-    pub const BAD_CHANNEL: u8 = 0xB8;
-    pub const BAD_PARAMETER: u8 = 0xBA;
-    pub const BAD_DATA: u8 = 0xC0;
-    pub const EXECUTION_ERROR: u8 = 0xD0;
-    pub const INTERNAL_ERROR: u8 = 0xFF;
+/// Status codes of an answer (those lucidgate uses; the protocol also defines 0xB2 bad P1,
+/// 0xBA bad parameter, 0xC0 bad data, 0xD0 execution error and 0xFF internal error).
+pub(crate) mod status {
+    pub(crate) const OK: u8 = 0x00;
+    pub(crate) const NOT_SUPPORTED: u8 = 0xA0;
+    pub(crate) const BAD_LENGTH: u8 = 0xB0;
+    pub(crate) const BAD_P2: u8 = 0xB4;
+    pub(crate) const BAD_VALUE: u8 = 0xB6;
+    pub(crate) const BAD_CHANNEL: u8 = 0xB8;
 }
 
 /// Value types (P2 of GetIo/SetIo).
-pub mod value_type {
-    pub const LOGIC: u8 = 0x00;
-    pub const COUNTER: u8 = 0x0A;
-    pub const RAW: u8 = 0x10;
-    pub const VOLTAGE_MV: u8 = 0x1C;
-    pub const VOLTAGE_UV: u8 = 0x1D;
-    pub const CURRENT_UA: u8 = 0x23;
-    pub const TEMPERATURE: u8 = 0x40;
-    pub const TEMPERATURE_2: u8 = 0x41;
-    pub const RESISTANCE: u8 = 0x50;
+pub(crate) mod value_type {
+    pub(crate) const LOGIC: u8 = 0x00;
+    pub(crate) const COUNTER: u8 = 0x0A;
+    pub(crate) const RAW: u8 = 0x10;
+    pub(crate) const VOLTAGE_MV: u8 = 0x1C;
+    pub(crate) const VOLTAGE_UV: u8 = 0x1D;
+    pub(crate) const CURRENT_UA: u8 = 0x23;
+    pub(crate) const TEMPERATURE: u8 = 0x40;
+    pub(crate) const TEMPERATURE_2: u8 = 0x41;
+    pub(crate) const RESISTANCE: u8 = 0x50;
 }
 
 /// Length of the GetId answer data.
-pub const GET_ID_DATA_LEN: usize = 16;
+const GET_ID_DATA_LEN: usize = 16;
 /// Bit in P1 of the group commands that announces the extended channel mask byte P1a.
-pub const GROUP_EXTENDED_MASK_BIT: u8 = 0x80;
+const GROUP_EXTENDED_MASK_BIT: u8 = 0x80;
 
 /// Whether an opcode changes the module's state (used for read-only clients).
-pub fn is_write(opc: u8) -> bool {
+pub(crate) fn is_write(opc: u8) -> bool {
     matches!(
         opc,
         opcode::SET_IO | opcode::SET_IO_GROUP | opcode::CALIB_IO | opcode::SET_PARAM
@@ -61,7 +57,7 @@ pub fn is_write(opc: u8) -> bool {
 }
 
 /// Human name of an opcode, for logs.
-pub fn opcode_name(opc: u8) -> &'static str {
+pub(crate) fn opcode_name(opc: u8) -> &'static str {
     match opc {
         opcode::SET_IO => "SetIo",
         opcode::SET_IO_GROUP => "SetIoGroup",
@@ -77,7 +73,7 @@ pub fn opcode_name(opc: u8) -> &'static str {
 
 /// Whether an opcode is one the protocol defines: a frame that starts with anything else means
 /// the sender is not speaking the protocol (or lost track of the framing).
-pub fn is_known_opcode(opc: u8) -> bool {
+pub(crate) fn is_known_opcode(opc: u8) -> bool {
     matches!(
         opc,
         opcode::SET_IO
@@ -92,12 +88,12 @@ pub fn is_known_opcode(opc: u8) -> bool {
 }
 
 /// Longest request frame: 5 header bytes and 255 data bytes.
-pub const MAX_REQUEST_LEN: usize = 5 + 255;
+pub(crate) const MAX_REQUEST_LEN: usize = 5 + 255;
 /// Longest answer frame: status, length and 255 data bytes.
-pub const MAX_ANSWER_LEN: usize = 2 + 255;
+pub(crate) const MAX_ANSWER_LEN: usize = 2 + 255;
 
 /// Header length of a request that starts with `opc` and `p1`.
-pub fn request_header_len(opc: u8, p1: u8) -> usize {
+pub(crate) fn request_header_len(opc: u8, p1: u8) -> usize {
     if is_group(opc) && p1 & GROUP_EXTENDED_MASK_BIT != 0 {
         5
     } else {
@@ -118,18 +114,19 @@ pub enum Incomplete {
 
 /// One request frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub opcode: u8,
-    pub p1: u8,
+pub(crate) struct Request {
+    pub(crate) opcode: u8,
+    pub(crate) p1: u8,
     /// Extended channel mask of the group commands when bit 7 of `p1` is set.
-    pub p1a: Option<u8>,
-    pub p2: u8,
-    pub data: Vec<u8>,
+    pub(crate) p1a: Option<u8>,
+    pub(crate) p2: u8,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Request {
     /// A request without the extended mask byte.
-    pub fn new(opcode: u8, p1: u8, p2: u8, data: impl Into<Vec<u8>>) -> Self {
+    #[cfg(test)]
+    fn new(opcode: u8, p1: u8, p2: u8, data: impl Into<Vec<u8>>) -> Self {
         Request {
             opcode,
             p1,
@@ -144,7 +141,7 @@ impl Request {
     }
 
     /// Returns the length of the whole frame at the start of `buf`, or how much more is needed.
-    pub fn check(buf: &[u8]) -> Result<usize, Incomplete> {
+    pub(crate) fn check(buf: &[u8]) -> Result<usize, Incomplete> {
         if buf.len() < 2 {
             return Err(Incomplete::Needs(4 - buf.len()));
         }
@@ -160,7 +157,7 @@ impl Request {
     }
 
     /// Parses the frame at the start of `buf`; returns it and the number of bytes it used.
-    pub fn parse(buf: &[u8]) -> Result<(Request, usize), Incomplete> {
+    pub(crate) fn parse(buf: &[u8]) -> Result<(Request, usize), Incomplete> {
         let total = Self::check(buf)?;
         let header = Self::header_len(buf[0], buf[1]);
         let (p1a, p2) = if header == 5 {
@@ -182,7 +179,7 @@ impl Request {
 
     /// The frame's bytes. Data longer than 255 bytes cannot be framed and is cut (callers build
     /// requests from parsed frames or from small literals).
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let len = self.data.len().min(u8::MAX as usize);
         let mut out = Vec::with_capacity(5 + len);
         out.push(self.opcode);
@@ -197,7 +194,7 @@ impl Request {
     }
 
     /// The channel mask of a group command (P1 without the extension bit, P1a above it).
-    pub fn group_mask(&self) -> u16 {
+    pub(crate) fn group_mask(&self) -> u16 {
         let low = (self.p1 & !GROUP_EXTENDED_MASK_BIT) as u16;
         match self.p1a {
             Some(high) => low | ((high as u16) << 7),
@@ -223,19 +220,19 @@ impl fmt::Display for Request {
 /// One answer frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
-    pub status: u8,
-    pub data: Vec<u8>,
+    pub(crate) status: u8,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Answer {
-    pub fn ok(data: impl Into<Vec<u8>>) -> Self {
+    pub(crate) fn ok(data: impl Into<Vec<u8>>) -> Self {
         Answer {
             status: status::OK,
             data: data.into(),
         }
     }
 
-    pub fn error(status: u8) -> Self {
+    pub(crate) fn error(status: u8) -> Self {
         Answer {
             status,
             data: Vec::new(),
@@ -254,7 +251,7 @@ impl Answer {
         Ok(total)
     }
 
-    pub fn parse(buf: &[u8]) -> Result<(Answer, usize), Incomplete> {
+    pub(crate) fn parse(buf: &[u8]) -> Result<(Answer, usize), Incomplete> {
         let total = Self::check(buf)?;
         Ok((
             Answer {
@@ -265,7 +262,7 @@ impl Answer {
         ))
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let len = self.data.len().min(u8::MAX as usize);
         let mut out = Vec::with_capacity(2 + len);
         out.push(self.status);
@@ -278,16 +275,16 @@ impl Answer {
 /// The decoded data of a GetId answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    pub fw_revision: u16,
-    pub hw_revision: u8,
-    pub class: u16,
-    pub type_: u16,
-    pub serial: u32,
+    pub(crate) fw_revision: u16,
+    pub(crate) hw_revision: u8,
+    pub(crate) class: u16,
+    pub(crate) type_: u16,
+    pub(crate) serial: u32,
 }
 
 impl Identity {
     /// Decodes GetId answer data (16 bytes; the last 5 are reserved).
-    pub fn decode(data: &[u8]) -> Option<Identity> {
+    pub(crate) fn decode(data: &[u8]) -> Option<Identity> {
         if data.len() < 11 {
             return None;
         }
@@ -311,13 +308,13 @@ impl Identity {
     }
 
     /// The 16-hex-digit USB serial string this identity corresponds to (class, type, serial).
-    pub fn usb_serial(&self) -> String {
+    pub(crate) fn usb_serial(&self) -> String {
         format!("{:04X}{:04X}{:08X}", self.class, self.type_, self.serial)
     }
 }
 
 /// Module classes and their names.
-pub const MODULE_CLASSES: &[(&str, u16)] = &[
+pub(crate) const MODULE_CLASSES: &[(&str, u16)] = &[
     ("DI4", 0x0000),
     ("DI8", 0x0010),
     ("AI4", 0x0100),
@@ -331,14 +328,14 @@ pub const MODULE_CLASSES: &[(&str, u16)] = &[
     ("DI4DO4", 0x4000),
 ];
 
-pub fn class_name(class: u16) -> Option<&'static str> {
+pub(crate) fn class_name(class: u16) -> Option<&'static str> {
     MODULE_CLASSES
         .iter()
         .find(|(_, c)| *c == class)
         .map(|(n, _)| *n)
 }
 
-pub fn class_by_name(name: &str) -> Option<u16> {
+pub(crate) fn class_by_name(name: &str) -> Option<u16> {
     MODULE_CLASSES
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -346,7 +343,7 @@ pub fn class_by_name(name: &str) -> Option<u16> {
 }
 
 /// Size in bytes of one value of a value type, or `None` for a type the protocol doc does not list.
-pub fn value_size(value_type: u8) -> Option<usize> {
+pub(crate) fn value_size(value_type: u8) -> Option<usize> {
     match value_type {
         value_type::LOGIC => Some(1),
         value_type::VOLTAGE_MV => Some(2),

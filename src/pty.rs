@@ -14,8 +14,8 @@ use nix::sys::termios::{self, SetArg};
 pub struct Pty {
     pub master: OwnedFd,
     /// Held open so the master never sees a hang-up while no client has the slave open.
-    pub slave: OwnedFd,
-    pub slave_path: PathBuf,
+    pub(crate) slave: OwnedFd,
+    pub(crate) slave_path: PathBuf,
     link: Option<PathBuf>,
 }
 
@@ -65,7 +65,7 @@ impl Pty {
 
 /// Puts a terminal in raw mode: no echo, no line editing, no CR/NL translation, 8 bits. A
 /// module's bytes are binary; a cooked tty would echo a request back and eat 0x0D/0x11/0x13.
-pub fn make_raw(tty: impl AsFd) -> Result<()> {
+pub(crate) fn make_raw(tty: impl AsFd) -> Result<()> {
     let mut attrs = termios::tcgetattr(tty.as_fd()).context("tcgetattr")?;
     termios::cfmakeraw(&mut attrs);
     termios::tcsetattr(tty.as_fd(), SetArg::TCSANOW, &attrs).context("tcsetattr")

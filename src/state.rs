@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 /// process kills itself (SIGKILL, no clean-up) at the N-th step of a state write, numbered
 /// across the process's life from 1; set to `list` it prints every step it passes to stderr
 /// (`crash-point N: STEP PATH`). Unset, the hook costs one atomic load per step.
-pub const CRASH_AT_ENV: &str = "LUCIDGATE_DANGEROUS_CRASH_AT";
+const CRASH_AT_ENV: &str = "LUCIDGATE_DANGEROUS_CRASH_AT";
 
 /// The steps of one atomic write at which a crash is tried.
 fn crash_point(step: &str, path: &Path) {
@@ -56,7 +56,7 @@ fn crash_point(step: &str, path: &Path) {
 /// Gives `file` (just created in `dir`) the owner and group of `dir` when this process runs as
 /// root and `dir` is not root's. Without root this is not needed (nor possible): files get the
 /// process's own ids.
-pub fn adopt_dir_owner(file: &File, dir: &Path) -> Result<()> {
+fn adopt_dir_owner(file: &File, dir: &Path) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
@@ -76,7 +76,7 @@ pub fn adopt_dir_owner(file: &File, dir: &Path) -> Result<()> {
 
 /// Opens (creating if needed) a file that only needs to exist, such as a lock file, with the
 /// directory's owner as for every state file.
-pub fn open_or_create(path: &Path, mode: u32) -> Result<File> {
+pub(crate) fn open_or_create(path: &Path, mode: u32) -> Result<File> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -96,7 +96,7 @@ fn parent_of(path: &Path) -> &Path {
 
 /// Creates `dir` (and parents) if needed and makes it 0700; refuses a world-writable one.
 /// Each directory created takes the owner of the one it is created in ([`adopt_dir_owner`]).
-pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+pub(crate) fn ensure_private_dir(dir: &Path) -> Result<()> {
     let creating = |e: std::io::Error| {
         anyhow::Error::new(e).context(format!(
             "creating state directory {} (run as root, under systemd's StateDirectory=, or set state_dir in the config)",
@@ -126,7 +126,7 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
 
 /// Replaces `path` with `data` atomically: a crash leaves the old or the new file, whole.
 /// The file gets `mode` (e.g. 0o600 for keys, 0o644 for public data).
-pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let dir = parent_of(path);
     let name = path
         .file_name()
@@ -179,7 +179,7 @@ const GROUP_MARKER: &str = ".group-commit";
 /// it): after a crash, [`recover_group`] leaves either all the old or all the new files.
 /// Each file is first written whole (atomically) as `NAME.new`; then a marker naming them is
 /// written; then they are renamed into place and the marker is removed.
-pub fn write_group(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<()> {
+pub(crate) fn write_group(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<()> {
     for (name, data, mode) in files {
         write_atomic(&dir.join(format!("{name}.new")), data, *mode)?;
     }
@@ -216,7 +216,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// files of interrupted [`write_atomic`]s (of processes no longer running). With the marker,
 /// every file was staged whole: the rest are renamed into place. Without it, the staged files
 /// are removed and the old ones stay. Returns a line per action, for the log.
-pub fn recover_group(dir: &Path) -> Result<Vec<String>> {
+pub(crate) fn recover_group(dir: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
     let marker = dir.join(GROUP_MARKER);
     if let Ok(text) = fs::read_to_string(&marker) {
@@ -259,7 +259,7 @@ pub fn recover_group(dir: &Path) -> Result<Vec<String>> {
 
 /// Moves a corrupt state file aside (to `NAME.corrupt-UNIXTIME`) so it can be inspected, and
 /// returns where it went.
-pub fn move_aside(path: &Path) -> Result<PathBuf> {
+pub(crate) fn move_aside(path: &Path) -> Result<PathBuf> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

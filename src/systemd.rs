@@ -9,7 +9,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 /// Hooks the daemon calls at points of its life (systemd notify plugs in here).
-pub trait Lifecycle: Send {
+pub(crate) trait Lifecycle: Send {
     /// Config loaded, state usable, udev subscribed, present modules' listeners bound.
     fn ready(&mut self, _status: &str) {}
     /// The served set changed.
@@ -24,19 +24,15 @@ pub trait Lifecycle: Send {
     fn stopping(&mut self) {}
 }
 
-/// A lifecycle that does nothing.
-pub struct NoLifecycle;
-impl Lifecycle for NoLifecycle {}
-
 /// Talks to systemd through `NOTIFY_SOCKET`.
 #[derive(Debug, Default)]
-pub struct Systemd {
+pub(crate) struct Systemd {
     watchdog: Option<Duration>,
 }
 
 impl Systemd {
     /// Reads `WATCHDOG_USEC`/`WATCHDOG_PID` from the environment.
-    pub fn from_env() -> Systemd {
+    pub(crate) fn from_env() -> Systemd {
         Systemd {
             watchdog: sd_notify::watchdog_enabled(),
         }

@@ -15,32 +15,33 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 
+use crate::config::check::SerialError;
 use crate::transport::ClientStream;
 
 /// How long one TCP connect may take before it counts as failed.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a TLS handshake may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keepalive: probe an idle link after this long...
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 /// ...every this long...
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
 /// ...and give up after this many unanswered probes (a dead link is noticed in about 20 s).
-pub const KEEPALIVE_RETRIES: u32 = 3;
+const KEEPALIVE_RETRIES: u32 = 3;
 /// Unacknowledged data older than this drops the connection (TCP_USER_TIMEOUT), so a request
 /// sent into a dead link is noticed within a few seconds.
-pub const USER_TIMEOUT: Duration = Duration::from_secs(10);
+const USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a module is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
+pub(crate) struct Target {
+    pub(crate) host: String,
+    pub(crate) port: u16,
     /// The module serial the target must answer GetId with (`SERIAL@HOST`, or `SERIAL`).
-    pub serial: Option<String>,
+    pub(crate) serial: Option<String>,
     /// `SERIAL` alone: host and port are found by mDNS on these interfaces (empty: all) before
     /// every connection attempt.
-    pub discover: Option<Vec<String>>,
+    pub(crate) discover: Option<Vec<String>>,
 }
 
 impl std::fmt::Display for Target {
@@ -59,10 +60,31 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// Why a target (as given, `target`) is none of the forms [`parse_target`] reads; the message
+/// says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TargetError {
+    #[error("serial {serial:?} {why}")]
+    Serial { serial: String, why: SerialError },
+    #[error("{target:?}: missing ']' after the IPv6 address")]
+    Bracket { target: String },
+    #[error(
+        "{target:?} has no host; use HOST:PORT, SERIAL@HOST (e.g. pi.local:4216), or the module's 16-digit SERIAL alone to find it by mDNS"
+    )]
+    NoHost { target: String },
+    #[error("{target:?}: port {port:?} is not a number from 1 to 65535")]
+    BadPort { target: String, port: String },
+    #[error(
+        "{target:?} has no port; use HOST:PORT, or SERIAL@HOST to use the module's default port"
+    )]
+    NoPort { target: String },
+}
+
 /// Parses `HOST:PORT`, `[V6]:PORT`, `SERIAL@HOST[:PORT]` or `SERIAL` (16 hex digits: found by
 /// mDNS). Without a port, a serial's port is derived as the server does by default
 /// (`ports.base + serial % ports.span`), with `base`/`span`.
-pub fn parse_target(s: &str, base: u16, span: u16) -> Result<Target, String> {
+pub(crate) fn parse_target(s: &str, base: u16, span: u16) -> Result<Target, TargetError> {
+    let target = || s.to_string();
     if s.len() == 16 && s.chars().all(|c| c.is_ascii_hexdigit()) {
         return Ok(Target {
             host: String::new(),
@@ -73,7 +95,10 @@ pub fn parse_target(s: &str, base: u16, span: u16) -> Result<Target, String> {
     }
     let (serial, rest) = match s.split_once('@') {
         Some((serial, rest)) => {
-            crate::config::check_serial(serial).map_err(|e| format!("serial {serial:?} {e}"))?;
+            crate::config::check_serial(serial).map_err(|why| TargetError::Serial {
+                serial: serial.to_string(),
+                why,
+            })?;
             (Some(serial.to_ascii_uppercase()), rest)
         }
         None => (None, s),
@@ -81,7 +106,7 @@ pub fn parse_target(s: &str, base: u16, span: u16) -> Result<Target, String> {
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
         let (h, after) = v6
             .split_once(']')
-            .ok_or_else(|| format!("{s:?}: missing ']' after the IPv6 address"))?;
+            .ok_or_else(|| TargetError::Bracket { target: target() })?;
         (h.to_string(), after.strip_prefix(':'))
     } else {
         match rest.rsplit_once(':') {
@@ -90,21 +115,21 @@ pub fn parse_target(s: &str, base: u16, span: u16) -> Result<Target, String> {
         }
     };
     if host.is_empty() {
-        return Err(format!(
-            "{s:?} has no host; use HOST:PORT, SERIAL@HOST (e.g. pi.local:4216), or the module's 16-digit SERIAL alone to find it by mDNS"
-        ));
+        return Err(TargetError::NoHost { target: target() });
     }
     let port = match (port, &serial) {
-        (Some(p), _) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{s:?}: port {p:?} is not a number from 1 to 65535"))?,
+        (Some(p), _) => {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| TargetError::BadPort {
+                    target: target(),
+                    port: p.to_string(),
+                })?
+        }
         (None, Some(serial)) => crate::ports::derive(serial, base, span),
         (None, None) => {
-            return Err(format!(
-                "{s:?} has no port; use HOST:PORT, or SERIAL@HOST to use the module's default port"
-            ));
+            return Err(TargetError::NoPort { target: target() });
         }
     };
     Ok(Target {
@@ -117,20 +142,20 @@ pub fn parse_target(s: &str, base: u16, span: u16) -> Result<Target, String> {
 
 /// The TLS files of a client.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsFiles {
+pub(crate) struct TlsFiles {
     /// CA certificate(s) the server must chain to (`ca.crt`).
-    pub ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// Client certificate; may also hold the key (`NAME.pem` holds both).
-    pub cert: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
     /// The key, when it is not in `cert`.
-    pub key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     /// Name to verify the server certificate against (default: the host).
-    pub server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
 }
 
 /// How `attach` reaches its target.
 #[derive(Clone)]
-pub enum Connector {
+pub(crate) enum Connector {
     Plain,
     Tls {
         config: Arc<rustls::ClientConfig>,
@@ -165,7 +190,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 
 impl Connector {
     /// A TLS connector for `host` from `files`; every problem names the file and the option.
-    pub fn tls(host: &str, files: &TlsFiles) -> Result<Connector> {
+    pub(crate) fn tls(host: &str, files: &TlsFiles) -> Result<Connector> {
         let ca = files.ca.clone().context(
             "TLS needs the server's CA certificate: pass --ca ca.crt (written by `lucidgate cert issue-client`), or --plain for a plain relay",
         )?;
@@ -215,7 +240,7 @@ impl Connector {
         })
     }
 
-    pub fn describe(&self) -> &'static str {
+    pub(crate) fn describe(&self) -> &'static str {
         match self {
             Connector::Plain => "plain TCP",
             Connector::Tls { .. } => "TLS",
@@ -223,7 +248,7 @@ impl Connector {
     }
 
     /// Connects to `target` (resolving its name again on every call).
-    pub async fn connect(&self, target: &Target) -> Result<Box<dyn ClientStream>, String> {
+    pub(crate) async fn connect(&self, target: &Target) -> Result<Box<dyn ClientStream>, String> {
         let addrs: Vec<SocketAddr> = match &target.discover {
             Some(interfaces) => discover(target, interfaces).await?,
             None => tokio::net::lookup_host((target.host.as_str(), target.port))
@@ -329,7 +354,7 @@ fn tune(tcp: &TcpStream) {
 }
 
 /// A TLS failure, said so the operator knows which file or option to fix.
-pub fn explain_tls(e: &io::Error, server_name: &ServerName<'_>, ca: &Path) -> String {
+fn explain_tls(e: &io::Error, server_name: &ServerName<'_>, ca: &Path) -> String {
     use rustls::{CertificateError, Error as TlsError};
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<TlsError>());
     let name = server_name.to_str();
@@ -388,7 +413,7 @@ mod tests {
             ("[::1:4000", "missing ']'"),
             ("A B@pi", "serial"),
         ] {
-            let e = parse_target(bad, 4000, 1000).unwrap_err();
+            let e = parse_target(bad, 4000, 1000).unwrap_err().to_string();
             assert!(e.contains(want), "{bad}: {e}");
         }
     }

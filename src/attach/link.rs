@@ -17,14 +17,14 @@ use crate::pty::Pty;
 
 /// Owner, group and permissions of the pty (socat's `user=`, `group=`, `mode=`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Ownership {
-    pub user: Option<String>,
-    pub group: Option<String>,
-    pub mode: Option<u32>,
+pub(crate) struct Ownership {
+    pub(crate) user: Option<String>,
+    pub(crate) group: Option<String>,
+    pub(crate) mode: Option<u32>,
 }
 
 /// Parses an octal mode such as `0660` or `660`.
-pub fn parse_mode(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
     match u32::from_str_radix(digits, 8) {
         Ok(m) if m <= 0o777 => Ok(m),
@@ -55,14 +55,14 @@ fn resolve_group(g: &str) -> Result<nix::unistd::Gid> {
 }
 
 /// The pty and its async master.
-pub struct LocalPort {
+pub(crate) struct LocalPort {
     master: AsyncFd<OwnedFd>,
     pty: Pty,
 }
 
 impl LocalPort {
     /// Opens a raw pty, applies `own` to its slave and links `link` to it.
-    pub fn open(link: &Path, own: &Ownership) -> Result<LocalPort> {
+    pub(crate) fn open(link: &Path, own: &Ownership) -> Result<LocalPort> {
         let mut pty = Pty::open()?;
         let slave = pty.slave_path.clone();
         if own.user.is_some() || own.group.is_some() {
@@ -98,12 +98,12 @@ impl LocalPort {
     }
 
     /// The pty's own name (`/dev/pts/N`).
-    pub fn slave_path(&self) -> &Path {
+    pub(crate) fn slave_path(&self) -> &Path {
         &self.pty.slave_path
     }
 
     /// Reads what a program wrote to the port.
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.master.readable().await?;
             match guard
@@ -116,7 +116,7 @@ impl LocalPort {
     }
 
     /// Writes everything in `buf` to the program side (waits while the pty's buffer is full).
-    pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+    pub(crate) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
             let mut guard = self.master.writable().await?;
             match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), buf).map_err(io::Error::from))

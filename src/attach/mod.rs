@@ -7,9 +7,9 @@
 //! what happens to bytes written while disconnected. This module reads the attach config
 //! (`[[port]]` entries, one process for several modules) and runs one session per port.
 
-pub mod connect;
-pub mod link;
-pub mod session;
+mod connect;
+mod link;
+mod session;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -26,7 +26,7 @@ use link::{LocalPort, Ownership};
 use session::{Limits, Session};
 
 /// Largest attach config read.
-pub const MAX_ATTACH_CONFIG_BYTES: u64 = 256 * 1024;
+const MAX_ATTACH_CONFIG_BYTES: u64 = 256 * 1024;
 
 /// The attach config file: defaults for every port, then `[[port]]` entries.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -34,39 +34,39 @@ pub const MAX_ATTACH_CONFIG_BYTES: u64 = 256 * 1024;
 pub struct AttachFile {
     // Defaults for every [[port]] (serde's flatten cannot be combined with deny_unknown_fields,
     // so the option fields are spelled out here and in PortEntry).
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub server_name: Option<String>,
-    pub plain: Option<bool>,
-    pub user: Option<String>,
-    pub group: Option<String>,
-    pub mode: Option<String>,
-    pub hold_ms: Option<u64>,
-    pub retry_max_ms: Option<u64>,
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
+    pub(crate) server_name: Option<String>,
+    pub(crate) plain: Option<bool>,
+    pub(crate) user: Option<String>,
+    pub(crate) group: Option<String>,
+    pub(crate) mode: Option<String>,
+    pub(crate) hold_ms: Option<u64>,
+    pub(crate) retry_max_ms: Option<u64>,
     /// Port numbering of the server, for `SERIAL@HOST` targets (default: the server's defaults).
-    pub port_base: Option<u16>,
-    pub port_span: Option<u16>,
+    pub(crate) port_base: Option<u16>,
+    pub(crate) port_span: Option<u16>,
     /// Interfaces to find `SERIAL` targets on by mDNS (default: all).
     #[serde(default)]
-    pub mdns_interfaces: Vec<String>,
+    pub(crate) mdns_interfaces: Vec<String>,
     #[serde(default)]
     pub port: Vec<PortEntry>,
 }
 
 /// Settings a `[[port]]` entry may override.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PortOptions {
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub server_name: Option<String>,
-    pub plain: Option<bool>,
-    pub user: Option<String>,
-    pub group: Option<String>,
-    pub mode: Option<String>,
-    pub hold_ms: Option<u64>,
-    pub retry_max_ms: Option<u64>,
+pub(crate) struct PortOptions {
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
+    pub(crate) server_name: Option<String>,
+    pub(crate) plain: Option<bool>,
+    pub(crate) user: Option<String>,
+    pub(crate) group: Option<String>,
+    pub(crate) mode: Option<String>,
+    pub(crate) hold_ms: Option<u64>,
+    pub(crate) retry_max_ms: Option<u64>,
 }
 
 /// One attached module.
@@ -74,19 +74,19 @@ pub struct PortOptions {
 #[serde(deny_unknown_fields)]
 pub struct PortEntry {
     /// `HOST:PORT`, `SERIAL@HOST[:PORT]` or `SERIAL` (found by mDNS).
-    pub target: String,
+    pub(crate) target: String,
     /// The symlink programs open, e.g. /dev/lio0.
     pub link: PathBuf,
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub server_name: Option<String>,
-    pub plain: Option<bool>,
-    pub user: Option<String>,
-    pub group: Option<String>,
-    pub mode: Option<String>,
-    pub hold_ms: Option<u64>,
-    pub retry_max_ms: Option<u64>,
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
+    pub(crate) server_name: Option<String>,
+    pub(crate) plain: Option<bool>,
+    pub(crate) user: Option<String>,
+    pub(crate) group: Option<String>,
+    pub(crate) mode: Option<String>,
+    pub(crate) hold_ms: Option<u64>,
+    pub(crate) retry_max_ms: Option<u64>,
 }
 
 macro_rules! options_of {
@@ -108,20 +108,20 @@ macro_rules! options_of {
 
 impl AttachFile {
     /// The defaults every [[port]] starts from.
-    pub fn defaults(&self) -> PortOptions {
+    fn defaults(&self) -> PortOptions {
         options_of!(self)
     }
 }
 
 impl PortEntry {
-    pub fn options(&self) -> PortOptions {
+    fn options(&self) -> PortOptions {
         options_of!(self)
     }
 }
 
 impl PortOptions {
     /// `self` with unset fields taken from `defaults`.
-    pub fn or(&self, defaults: &PortOptions) -> PortOptions {
+    fn or(&self, defaults: &PortOptions) -> PortOptions {
         PortOptions {
             ca: self.ca.clone().or_else(|| defaults.ca.clone()),
             cert: self.cert.clone().or_else(|| defaults.cert.clone()),
@@ -142,17 +142,17 @@ impl PortOptions {
 
 /// A port ready to open: everything parsed and checked.
 #[derive(Debug, Clone)]
-pub struct PortSpec {
-    pub target: Target,
-    pub link: PathBuf,
-    pub ownership: Ownership,
-    pub connector: Connector,
-    pub limits: Limits,
+pub(crate) struct PortSpec {
+    pub(crate) target: Target,
+    pub(crate) link: PathBuf,
+    pub(crate) ownership: Ownership,
+    pub(crate) connector: Connector,
+    pub(crate) limits: Limits,
 }
 
 impl AttachFile {
     /// Reads and checks an attach config; errors name the file, the line and the field.
-    pub fn load(path: &Path) -> Result<AttachFile, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<AttachFile, ConfigError> {
         let text = crate::config::read_text(path, MAX_ATTACH_CONFIG_BYTES, "attach config")?;
         let origin = path.display().to_string();
         let file: AttachFile = crate::config::parse_toml(&text, &origin)?;
@@ -166,7 +166,7 @@ impl AttachFile {
     }
 
     /// Turns every entry into a [`PortSpec`]; errors name the entry.
-    pub fn specs(&self, origin: &str) -> Result<Vec<PortSpec>> {
+    pub(crate) fn specs(&self, origin: &str) -> Result<Vec<PortSpec>> {
         let defaults = PortsConfig::default();
         let base = self.port_base.unwrap_or(defaults.base);
         let span = self.port_span.unwrap_or(defaults.span);
@@ -196,7 +196,7 @@ impl AttachFile {
 }
 
 /// Builds one port's spec from its options.
-pub fn spec(
+pub(crate) fn spec(
     target: &str,
     link: &Path,
     o: &PortOptions,
@@ -204,7 +204,7 @@ pub fn spec(
     span: u16,
     mdns_interfaces: &[String],
 ) -> Result<PortSpec> {
-    let mut target = connect::parse_target(target, base, span).map_err(anyhow::Error::msg)?;
+    let mut target = connect::parse_target(target, base, span)?;
     if let Some(ifs) = &mut target.discover {
         *ifs = mdns_interfaces.to_vec();
     }
@@ -259,7 +259,7 @@ pub fn spec(
 }
 
 /// Opens every port, then runs their sessions until SIGTERM/SIGINT; removes the links on exit.
-pub fn run(specs: Vec<PortSpec>) -> Result<i32> {
+pub(crate) fn run(specs: Vec<PortSpec>) -> Result<i32> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

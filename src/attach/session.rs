@@ -20,23 +20,23 @@ use crate::protocol::{Answer, Identity, opcode};
 use crate::transport::ClientStream;
 
 /// Size of the read buffers in each direction.
-pub const BUFFER_BYTES: usize = 4096;
+const BUFFER_BYTES: usize = 4096;
 /// At most this many bytes written while disconnected are held.
-pub const HOLD_MAX_BYTES: usize = 4096;
+const HOLD_MAX_BYTES: usize = 4096;
 /// How long the GetId check of `SERIAL@HOST` waits for the answer.
-pub const IDENTITY_TIMEOUT: Duration = Duration::from_secs(3);
+const IDENTITY_TIMEOUT: Duration = Duration::from_secs(3);
 /// A session that lasted this long counts as healthy: the next loss retries quickly again.
-pub const STABLE_AFTER: Duration = Duration::from_secs(5);
+const STABLE_AFTER: Duration = Duration::from_secs(5);
 
 /// Timing of one attached port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// How long bytes written while disconnected are held (the module's answer timeout).
-    pub hold: Duration,
+    pub(crate) hold: Duration,
     /// First retry delay after a loss.
-    pub retry_min: Duration,
+    pub(crate) retry_min: Duration,
     /// Retry delays double up to this.
-    pub retry_max: Duration,
+    pub(crate) retry_max: Duration,
 }
 
 impl Default for Limits {
@@ -51,14 +51,14 @@ impl Default for Limits {
 
 /// Capped exponential backoff with ±20 % jitter (so many clients do not retry in step).
 #[derive(Debug)]
-pub struct Backoff {
+struct Backoff {
     next: Duration,
     min: Duration,
     max: Duration,
 }
 
 impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
         Backoff {
             next: min,
             min,
@@ -66,12 +66,12 @@ impl Backoff {
         }
     }
 
-    pub fn reset(&mut self) {
+    fn reset(&mut self) {
         self.next = self.min;
     }
 
     /// The delay to wait now; doubles the following one.
-    pub fn delay(&mut self) -> Duration {
+    fn delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(self.max);
         base.mul_f64(0.8 + 0.4 * fastrand::f64())
@@ -132,11 +132,11 @@ impl Held {
 }
 
 /// One attached port.
-pub struct Session {
-    pub target: Target,
-    pub connector: Connector,
-    pub port: LocalPort,
-    pub limits: Limits,
+pub(crate) struct Session {
+    pub(crate) target: Target,
+    pub(crate) connector: Connector,
+    pub(crate) port: LocalPort,
+    pub(crate) limits: Limits,
 }
 
 /// Why a connected session ended.
@@ -147,7 +147,7 @@ enum End {
 
 impl Session {
     /// Runs until `cancel`; never returns early on network trouble.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub(crate) async fn run(self, cancel: CancellationToken) {
         let mut held = Held::default();
         let mut backoff = Backoff::new(self.limits.retry_min, self.limits.retry_max);
         let mut failures = 0u32;

@@ -12,14 +12,19 @@ use super::{ExternalPki, Material, Pki};
 use crate::state;
 
 /// Where a PKI installed from a provisioning stick lives (used when `[tls]` names no files).
-pub fn imported_dir(state_dir: &Path) -> PathBuf {
+pub(crate) fn imported_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("pki").join("imported")
 }
 
 /// Checks an operator's PKI (CA bundle, server chain, server key, as PEM) and installs it into
 /// [`imported_dir`]: the key must belong to the certificate and the certificate must be issued
 /// by a CA of the bundle. Returns a summary for logs.
-pub fn install_import(state_dir: &Path, ca: &[u8], cert: &[u8], key: &[u8]) -> Result<String> {
+pub(crate) fn install_import(
+    state_dir: &Path,
+    ca: &[u8],
+    cert: &[u8],
+    key: &[u8],
+) -> Result<String> {
     let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca)
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("import.ca is not PEM certificates: {e}"))?;

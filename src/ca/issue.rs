@@ -170,7 +170,7 @@ impl Pki<'_> {
     /// Brings the PKI up to date (CA exists, server certificate valid and covering the current
     /// names, CRL fresh) and returns what TLS needs. `rotated` tells whether a new server
     /// certificate was issued.
-    pub fn refresh(&self) -> Result<(Material, bool)> {
+    pub(crate) fn refresh(&self) -> Result<(Material, bool)> {
         if let Some(ext) = &self.settings.external {
             return Ok((self.external_material(ext)?, false));
         }
@@ -261,7 +261,12 @@ impl Pki<'_> {
     }
 
     /// Issues a client certificate with `rights`, valid for `days`.
-    pub fn issue_client(&self, name: &str, rights: &Rights, days: u32) -> Result<ClientBundle> {
+    pub(crate) fn issue_client(
+        &self,
+        name: &str,
+        rights: &Rights,
+        days: u32,
+    ) -> Result<ClientBundle> {
         if self.settings.external.is_some() {
             bail!(
                 "this device uses an external PKI (tls.ca_file); issue client certificates with that CA"
@@ -331,7 +336,7 @@ impl Pki<'_> {
     }
 
     /// Revokes every certificate named `who` or with serial `who`; returns what was revoked.
-    pub fn revoke(&self, who: &str) -> Result<Vec<IssuedClient>> {
+    pub(crate) fn revoke(&self, who: &str) -> Result<Vec<IssuedClient>> {
         let now = self.now();
         let mut ledger = self.load_ledger()?;
         let who_l = who.to_ascii_lowercase();
@@ -377,7 +382,7 @@ impl Pki<'_> {
     }
 
     /// Makes a new CA; the old one stays trusted for client certificates for `overlap`.
-    pub fn rotate_ca(&self, overlap: Duration) -> Result<()> {
+    pub(crate) fn rotate_ca(&self, overlap: Duration) -> Result<()> {
         if self.settings.external.is_some() {
             bail!("this device uses an external PKI (tls.ca_file); rotate that CA yourself");
         }

@@ -15,12 +15,12 @@
 //! operator's own PKI, [`settings`] reads the `[tls]` table, [`x509`] parses certificates,
 //! [`rights`] is what a client certificate grants.
 
-pub mod import;
-pub mod issue;
-pub mod rights;
-pub mod settings;
-pub mod store;
-pub mod x509;
+mod import;
+mod issue;
+pub(crate) mod rights;
+mod settings;
+mod store;
+mod x509;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -32,58 +32,58 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{self, Clock};
-pub use import::{imported_dir, install_import};
-pub use rights::{ClientIdentity, Rights};
-pub use settings::{ExternalPki, PkiSettings, server_names};
-pub use store::{Inventory, Paths};
-pub use x509::read_private_key;
+pub(crate) use import::{imported_dir, install_import};
+pub(crate) use rights::Rights;
+pub(crate) use settings::server_names;
+pub use settings::{ExternalPki, PkiSettings};
+pub(crate) use store::{Inventory, Paths};
 
 /// Certificates are valid from this long before they are issued (clients' clocks differ).
 const BACKDATE: Duration = Duration::from_secs(3600);
 /// Longest client certificate lifetime `cert issue-client --days` accepts.
-pub const MAX_CLIENT_DAYS: u32 = 3650;
+pub(crate) const MAX_CLIENT_DAYS: u32 = 3650;
 /// Longest client name (it becomes a file name).
-pub const MAX_CLIENT_NAME: usize = 64;
+const MAX_CLIENT_NAME: usize = 64;
 /// The CRL is reissued at least this often (its next-update horizon).
 const CRL_LIFETIME: Duration = Duration::from_secs(7 * 86400);
 
 /// What the TLS layer needs, read from the PKI.
 #[derive(Debug)]
-pub struct Material {
-    pub server_chain: Vec<CertificateDer<'static>>,
-    pub server_key: PrivateKeyDer<'static>,
+pub(crate) struct Material {
+    pub(crate) server_chain: Vec<CertificateDer<'static>>,
+    pub(crate) server_key: PrivateKeyDer<'static>,
     /// Serial of the server certificate (hex), to tell rotations apart.
-    pub server_serial: String,
-    pub roots: Vec<CertificateDer<'static>>,
-    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    pub(crate) server_serial: String,
+    pub(crate) roots: Vec<CertificateDer<'static>>,
+    pub(crate) crls: Vec<CertificateRevocationListDer<'static>>,
     /// Serials (hex) of revoked client certificates.
-    pub revoked: BTreeSet<String>,
+    pub(crate) revoked: BTreeSet<String>,
     /// When the PKI wants to be looked at again (renewal, end of a CA overlap).
-    pub next_check: SystemTime,
+    pub(crate) next_check: SystemTime,
 }
 
 /// One client certificate in the ledger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IssuedClient {
-    pub name: String,
-    pub serial: String,
-    pub issued: i64,
-    pub not_after: i64,
-    pub modules: Vec<String>,
-    pub read_only: bool,
+    pub(crate) name: String,
+    pub(crate) serial: String,
+    pub(crate) issued: i64,
+    pub(crate) not_after: i64,
+    pub(crate) modules: Vec<String>,
+    pub(crate) read_only: bool,
     /// Serial of the CA that signed it.
-    pub ca_serial: String,
+    pub(crate) ca_serial: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<i64>,
 }
 
 /// A client bundle as `cert issue-client` writes it.
-pub struct ClientBundle {
-    pub key_pem: String,
-    pub cert_pem: String,
-    pub ca_pem: String,
-    pub serial: String,
-    pub not_after: SystemTime,
+pub(crate) struct ClientBundle {
+    pub(crate) key_pem: String,
+    pub(crate) cert_pem: String,
+    pub(crate) ca_pem: String,
+    pub(crate) serial: String,
+    pub(crate) not_after: SystemTime,
 }
 
 /// The CA's certificate and key, loaded.
@@ -101,7 +101,7 @@ impl Ca {
 }
 
 /// Validates a client name (it is a certificate CN and a file name).
-pub fn check_client_name(name: &str) -> Result<()> {
+pub(crate) fn check_client_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_CLIENT_NAME {
         bail!("client name must be 1 to {MAX_CLIENT_NAME} characters");
     }
@@ -126,7 +126,7 @@ pub struct Pki<'c> {
 }
 
 impl Pki<'_> {
-    pub fn paths(&self) -> &Paths {
+    pub(crate) fn paths(&self) -> &Paths {
         &self.paths
     }
 

@@ -6,21 +6,20 @@
 
 use x509_parser::prelude::*;
 
-pub const URI_MODULE_PREFIX: &str = "lucidgate:module:";
-pub const URI_ALL_MODULES: &str = "lucidgate:module:*";
-pub const URI_READ_ONLY: &str = "lucidgate:read-only";
+const URI_MODULE_PREFIX: &str = "lucidgate:module:";
+const URI_READ_ONLY: &str = "lucidgate:read-only";
 
 /// What a client certificate grants.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct Rights {
+pub(crate) struct Rights {
     /// Module serials, or `*` for all.
-    pub modules: Vec<String>,
-    pub read_only: bool,
+    pub(crate) modules: Vec<String>,
+    pub(crate) read_only: bool,
 }
 
 impl Rights {
     /// The SAN URIs that encode these rights.
-    pub fn uris(&self) -> Vec<String> {
+    pub(crate) fn uris(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .modules
             .iter()
@@ -32,25 +31,29 @@ impl Rights {
         out
     }
 
-    pub fn allows(&self, serial: &str) -> bool {
+    pub(crate) fn allows(&self, serial: &str) -> bool {
         self.modules.iter().any(|m| m == "*" || m == serial)
     }
 }
 
 /// A client as its certificate describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientIdentity {
+pub(crate) struct ClientIdentity {
     /// The subject's common name (the name given to `cert issue-client`).
-    pub name: String,
+    pub(crate) name: String,
     /// Certificate serial, lowercase hex.
-    pub serial: String,
-    pub rights: Rights,
+    pub(crate) serial: String,
+    pub(crate) rights: Rights,
 }
 
+/// A peer's certificate that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("unreadable certificate: {0}")]
+pub(crate) struct UnreadableCertificate(x509_parser::nom::Err<X509Error>);
+
 /// Reads name, serial and rights from a DER certificate.
-pub fn client_identity(der: &[u8]) -> Result<ClientIdentity, String> {
-    let (_, cert) =
-        parse_x509_certificate(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+pub(crate) fn client_identity(der: &[u8]) -> Result<ClientIdentity, UnreadableCertificate> {
+    let (_, cert) = parse_x509_certificate(der).map_err(UnreadableCertificate)?;
     let name = cert
         .subject()
         .iter_common_name()
@@ -79,7 +82,7 @@ pub fn client_identity(der: &[u8]) -> Result<ClientIdentity, String> {
 }
 
 /// Lowercase hex without separators (leading zero bytes dropped, as openssl prints serials).
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     let trimmed: &[u8] = {
         let first = bytes
             .iter()

@@ -24,7 +24,7 @@ pub struct PkiSettings {
 
 impl PkiSettings {
     /// The settings of the `[tls]` table (validated with the config).
-    pub fn from_config(c: &crate::config::Config) -> PkiSettings {
+    pub(crate) fn from_config(c: &crate::config::Config) -> PkiSettings {
         let d = |s: &str, default: u64| {
             crate::config::parse_duration(s).unwrap_or(Duration::from_secs(default))
         };
@@ -58,13 +58,13 @@ impl PkiSettings {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExternalPki {
-    pub ca_file: PathBuf,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
+    pub(crate) ca_file: PathBuf,
+    pub(crate) cert_file: PathBuf,
+    pub(crate) key_file: PathBuf,
 }
 
 /// The names and addresses the server certificate should cover now.
-pub fn server_names(settings: &PkiSettings) -> BTreeSet<String> {
+pub(crate) fn server_names(settings: &PkiSettings) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     names.insert("dns:localhost".to_string());
     if let Some(h) = crate::host::name()

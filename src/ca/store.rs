@@ -34,38 +34,38 @@ pub(crate) struct PreviousCa {
 
 /// Paths inside the PKI directory.
 #[derive(Debug, Clone)]
-pub struct Paths {
-    pub dir: PathBuf,
+pub(crate) struct Paths {
+    pub(crate) dir: PathBuf,
 }
 
 impl Paths {
-    pub fn new(state_dir: &Path) -> Paths {
+    fn new(state_dir: &Path) -> Paths {
         Paths {
             dir: state_dir.join("pki"),
         }
     }
-    pub fn ca_key(&self) -> PathBuf {
+    fn ca_key(&self) -> PathBuf {
         self.dir.join("ca.key")
     }
-    pub fn ca_crt(&self) -> PathBuf {
+    pub(crate) fn ca_crt(&self) -> PathBuf {
         self.dir.join("ca.crt")
     }
-    pub fn prev_crt(&self) -> PathBuf {
+    pub(crate) fn prev_crt(&self) -> PathBuf {
         self.dir.join("ca-previous.crt")
     }
-    pub fn prev_meta(&self) -> PathBuf {
+    pub(crate) fn prev_meta(&self) -> PathBuf {
         self.dir.join("ca-previous.toml")
     }
-    pub fn server_key(&self) -> PathBuf {
+    pub(crate) fn server_key(&self) -> PathBuf {
         self.dir.join("server.key")
     }
-    pub fn server_crt(&self) -> PathBuf {
+    pub(crate) fn server_crt(&self) -> PathBuf {
         self.dir.join("server.crt")
     }
-    pub fn ledger(&self) -> PathBuf {
+    fn ledger(&self) -> PathBuf {
         self.dir.join("issued.toml")
     }
-    pub fn crl(&self) -> PathBuf {
+    pub(crate) fn crl(&self) -> PathBuf {
         self.dir.join("crl.pem")
     }
     fn lock(&self) -> PathBuf {
@@ -77,16 +77,16 @@ impl Paths {
 #[derive(Debug, Clone)]
 pub struct Inventory {
     /// Set when `[tls]` names an operator's PKI (then nothing below is lucidgate's).
-    pub external: Option<ExternalPki>,
+    pub(crate) external: Option<ExternalPki>,
     /// The CA's serial and expiry (None: not made yet).
-    pub ca: Option<(String, SystemTime)>,
+    pub(crate) ca: Option<(String, SystemTime)>,
     /// The previous CA's serial and the end of its overlap, while it is trusted.
-    pub previous_ca: Option<(String, SystemTime)>,
+    pub(crate) previous_ca: Option<(String, SystemTime)>,
     /// The server certificate, with when it will be renewed.
-    pub server: Option<(CertInfo, SystemTime)>,
+    pub(crate) server: Option<(CertInfo, SystemTime)>,
     pub clients: Vec<IssuedClient>,
     /// When this was read (to tell expired clients).
-    pub now: SystemTime,
+    pub(crate) now: SystemTime,
 }
 
 impl<'c> Pki<'c> {

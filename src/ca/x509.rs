@@ -16,17 +16,17 @@ use super::rights;
 
 /// What the PKI reads from a certificate, parsed once.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CertInfo {
+pub(crate) struct CertInfo {
     /// Serial number (hex).
-    pub serial: String,
-    pub not_before: SystemTime,
-    pub not_after: SystemTime,
+    pub(crate) serial: String,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
     /// Subject alternative names as `dns:NAME` and `ip:ADDR`.
-    pub names: BTreeSet<String>,
+    pub(crate) names: BTreeSet<String>,
     /// Authority key identifier (hex; empty when absent).
-    pub authority_key_id: String,
+    pub(crate) authority_key_id: String,
     /// Subject key identifier (hex; empty when absent).
-    pub subject_key_id: String,
+    pub(crate) subject_key_id: String,
 }
 
 fn unix_time(ts: i64) -> SystemTime {
@@ -34,7 +34,7 @@ fn unix_time(ts: i64) -> SystemTime {
 }
 
 impl CertInfo {
-    pub fn parse(der: &[u8]) -> Result<CertInfo> {
+    pub(crate) fn parse(der: &[u8]) -> Result<CertInfo> {
         use x509_parser::prelude::*;
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| anyhow::anyhow!("unreadable certificate: {e}"))?;
@@ -83,7 +83,7 @@ impl CertInfo {
 }
 
 /// Reads a private key, refusing one that others can read.
-pub fn read_private_key(path: &Path) -> Result<String> {
+pub(crate) fn read_private_key(path: &Path) -> Result<String> {
     let meta =
         fs::metadata(path).with_context(|| format!("reading key file {}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;

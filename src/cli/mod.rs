@@ -23,7 +23,7 @@ use crate::control::Command;
     version,
     about = "Device server for LucidControl USB IO modules"
 )]
-pub struct Cli {
+struct Cli {
     /// Config file (default /etc/lucidgate/lucidgate.toml; missing means built-in defaults).
     #[arg(
         long,
@@ -32,19 +32,19 @@ pub struct Cli {
         value_name = "FILE",
         env = "LUCIDGATE_CONFIG"
     )]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
-    pub log_level: String,
+    pub(crate) log_level: String,
     /// Where logs go: journald when started by systemd (auto), or stderr.
     #[arg(long, global = true, value_enum, default_value = "auto")]
-    pub log: crate::logging::LogTarget,
+    pub(crate) log: crate::logging::LogTarget,
     #[command(subcommand)]
-    pub command: Cmd,
+    pub(crate) command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Cmd {
+enum Cmd {
     /// Run the daemon: serve every LucidControl module that is plugged in.
     Serve {
         /// Also serve an emulated AO4 module on a pty (try lucidgate without hardware).
@@ -147,53 +147,53 @@ pub struct EmulateArgs {
 
 /// `lucidgate attach` options (one port; several come from an attach config via --config).
 #[derive(Debug, clap::Args)]
-pub struct AttachArgs {
+struct AttachArgs {
     /// HOST:PORT, SERIAL@HOST[:PORT] (the port defaults to the one the server derives from
     /// the serial; GetId must then answer that serial), or SERIAL alone (16 hex digits: host and
     /// port are found by mDNS). Without it, --config names an attach config with [[port]] entries.
     #[arg(value_name = "TARGET", requires = "link")]
-    pub target: Option<String>,
+    pub(crate) target: Option<String>,
     /// The symlink programs open, e.g. /dev/lio0 (removed on exit).
     #[arg(long, value_name = "PATH")]
-    pub link: Option<PathBuf>,
+    pub(crate) link: Option<PathBuf>,
     /// CA certificate the server must chain to (ca.crt from `lucidgate cert issue-client`).
     #[arg(long, value_name = "FILE")]
-    pub ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// Client certificate, with its key (NAME.pem from `lucidgate cert issue-client`).
     #[arg(long, value_name = "FILE")]
-    pub cert: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
     /// The client key, when --cert holds only the certificate.
     #[arg(long, value_name = "FILE")]
-    pub key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     /// Name to check the server certificate against (default: the host of TARGET).
     #[arg(long, value_name = "NAME")]
-    pub server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
     /// Plain TCP, for a relay configured with transport = "plain".
     #[arg(long)]
-    pub plain: bool,
+    pub(crate) plain: bool,
     /// Owner of the pty (name or uid).
     #[arg(long, value_name = "USER")]
-    pub user: Option<String>,
+    pub(crate) user: Option<String>,
     /// Group of the pty (name or gid).
     #[arg(long, value_name = "GROUP")]
-    pub group: Option<String>,
+    pub(crate) group: Option<String>,
     /// Permissions of the pty, octal (e.g. 0660).
     #[arg(long, value_name = "MODE")]
-    pub mode: Option<String>,
+    pub(crate) mode: Option<String>,
     /// How long bytes written while disconnected are held before they are dropped (ms; the
     /// module answer timeout).
     #[arg(long, value_name = "MS")]
-    pub hold_ms: Option<u64>,
+    pub(crate) hold_ms: Option<u64>,
     /// Longest wait between reconnect attempts (ms).
     #[arg(long, value_name = "MS")]
-    pub retry_max_ms: Option<u64>,
+    pub(crate) retry_max_ms: Option<u64>,
     /// Network interface to look for a SERIAL target on by mDNS (repeatable; default: all).
     #[arg(long = "mdns-interface", value_name = "IFACE")]
-    pub mdns_interfaces: Vec<String>,
+    pub(crate) mdns_interfaces: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum ProvisionCmd {
+enum ProvisionCmd {
     /// Set the provisioning token (stored only as a salted hash in the config file). Without
     /// --token a random one is generated and printed once.
     SetToken {
@@ -207,7 +207,7 @@ pub enum ProvisionCmd {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum CertCmd {
+enum CertCmd {
     /// Issue a client certificate: NAME.key, NAME.crt, NAME.pem (key + cert, for socat's cert=)
     /// and ca.crt in --out.
     IssueClient {
@@ -250,7 +250,7 @@ pub enum CertCmd {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum ConfigCmd {
+enum ConfigCmd {
     /// Validate the config and print the effective settings.
     Check,
     /// Turn a ser2net config (4.x YAML or 3.x ser2net.conf) into module port overrides, so
@@ -283,7 +283,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-pub fn run(cli: Cli) -> Result<i32> {
+fn run(cli: Cli) -> Result<i32> {
     let c = &cli.config;
     match cli.command {
         Cmd::Serve { demo, no_udev } => serve::serve(c, demo, no_udev),

@@ -12,7 +12,7 @@ use crate::emulator;
 use crate::pty::Pty;
 
 /// Serial number of the module `serve --demo` emulates.
-pub const DEMO_SERIAL: &str = "11001001FA480000";
+const DEMO_SERIAL: &str = "11001001FA480000";
 
 /// The daemon's runtime: one thread. A relay is a byte pump whose every wake-up is I/O; on one
 /// thread a byte read from the serial port is written to the socket by the same thread, with no
@@ -61,7 +61,7 @@ pub(super) fn serve(config_path: &Option<PathBuf>, demo: bool, no_udev: bool) ->
 }
 
 /// What `serve --demo` keeps alive: the emulator's pty and thread.
-pub struct Demo {
+struct Demo {
     _pty: Pty,
     shared: emulator::Shared,
 }

@@ -41,7 +41,7 @@ fn socket_of(config: &Option<PathBuf>, socket: Option<PathBuf>) -> Result<PathBu
 }
 
 /// The human-readable status table.
-pub fn status_table(report: &StatusReport) -> String {
+fn status_table(report: &StatusReport) -> String {
     if report.modules.is_empty() {
         return "no modules present (plug one in, or try `lucidgate serve --demo`)\n".to_string();
     }

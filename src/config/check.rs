@@ -1,86 +1,128 @@
 //! Validators of single values, shared by the config, the CLI, attach, discovery and
-//! provisioning: each says in words what is wrong. A leaf: it imports nothing of lucidgate.
+//! provisioning: each error says in words what is wrong (its `Display`). A leaf: it imports
+//! nothing of lucidgate.
 
 use std::num::NonZeroU32;
 
 /// Longest module serial accepted (in config, file names, logs).
-pub const MAX_SERIAL_LEN: usize = 64;
+pub(crate) const MAX_SERIAL_LEN: usize = 64;
 /// Longest DNS label, hence longest mDNS host name.
-pub const MAX_LABEL: usize = 63;
+pub(crate) const MAX_LABEL: usize = 63;
 /// The scheme of a stored provisioning token hash.
-pub const TOKEN_HASH_SCHEME: &str = "pbkdf2-sha256";
+pub(crate) const TOKEN_HASH_SCHEME: &str = "pbkdf2-sha256";
 /// Bytes of a provisioning token hash.
-pub const TOKEN_HASH_LEN: usize = 32;
+pub(crate) const TOKEN_HASH_LEN: usize = 32;
+
+/// Why a string is not a usable module serial; the message follows the serial in a sentence
+/// (`serial "X" is empty`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum SerialError {
+    #[error("is empty")]
+    Empty,
+    #[error("is longer than {MAX_SERIAL_LEN} characters")]
+    TooLong,
+    #[error("contains {0:?}; use letters, digits, '-', '_', '.' or ':'")]
+    BadChar(char),
+}
 
 /// Is `s` usable as a module serial (in config, in file names, in logs)?
-pub fn check_serial(s: &str) -> Result<(), String> {
+pub(crate) fn check_serial(s: &str) -> Result<(), SerialError> {
     if s.is_empty() {
-        return Err("is empty".into());
+        return Err(SerialError::Empty);
     }
     if s.len() > MAX_SERIAL_LEN {
-        return Err(format!("is longer than {MAX_SERIAL_LEN} characters"));
+        return Err(SerialError::TooLong);
     }
     if let Some(c) = s
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
     {
-        return Err(format!(
-            "contains {c:?}; use letters, digits, '-', '_', '.' or ':'"
-        ));
+        return Err(SerialError::BadChar(c));
     }
     Ok(())
 }
 
+/// A text that is not a duration.
+#[derive(Debug, thiserror::Error)]
+#[error("{text:?} is not a duration ({reason}); write e.g. \"30d\", \"12h\" or \"90s\"")]
+pub(crate) struct DurationError {
+    text: String,
+    reason: humantime::DurationError,
+}
+
 /// Parses a duration such as "30d", "12h", "90s".
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| {
-        format!("{s:?} is not a duration ({e}); write e.g. \"30d\", \"12h\" or \"90s\"")
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, DurationError> {
+    humantime::parse_duration(s.trim()).map_err(|reason| DurationError {
+        text: s.to_string(),
+        reason,
     })
 }
 
+/// Why a name is not usable as the mDNS host name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HostnameError {
+    #[error("must be 1 to {MAX_LABEL} characters")]
+    Length,
+    #[error("{0:?} is not a host name (letters, digits and inner hyphens only; no `.local`)")]
+    NotALabel(String),
+}
+
 /// Is `name` usable as the mDNS host name (one DNS label, no `.local`)?
-pub fn check_hostname(name: &str) -> Result<(), String> {
+pub(crate) fn check_hostname(name: &str) -> Result<(), HostnameError> {
     if name.is_empty() || name.len() > MAX_LABEL {
-        return Err(format!("must be 1 to {MAX_LABEL} characters"));
+        return Err(HostnameError::Length);
     }
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         || name.starts_with('-')
         || name.ends_with('-')
     {
-        return Err(format!(
-            "{name:?} is not a host name (letters, digits and inner hyphens only; no `.local`)"
-        ));
+        return Err(HostnameError::NotALabel(name.to_string()));
     }
     Ok(())
 }
 
-/// Checks the form of a stored token hash; the message says what is wrong.
-pub fn check_token_hash(stored: &str) -> Result<(), String> {
+/// What is wrong with a stored provisioning token hash.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TokenHashError {
+    #[error(
+        "expected {TOKEN_HASH_SCHEME}$ROUNDS$SALT$HASH (set it with `lucidgate provision set-token`)"
+    )]
+    Form,
+    #[error("unknown scheme {0:?}, expected {TOKEN_HASH_SCHEME}")]
+    Scheme(String),
+    #[error("rounds {0:?} is not a positive number")]
+    Rounds(String),
+    #[error("the salt is not hex")]
+    Salt,
+    #[error("the hash is not 64 hex digits")]
+    Hash,
+}
+
+/// Checks the form of a stored token hash; the error says what is wrong.
+pub(crate) fn check_token_hash(stored: &str) -> Result<(), TokenHashError> {
     parse_token_hash(stored).map(|_| ())
 }
 
 /// A stored token hash `pbkdf2-sha256$ROUNDS$SALT$HASH` (hex) as (rounds, salt, hash).
-pub fn parse_token_hash(stored: &str) -> Result<(NonZeroU32, Vec<u8>, Vec<u8>), String> {
+pub(crate) fn parse_token_hash(
+    stored: &str,
+) -> Result<(NonZeroU32, Vec<u8>, Vec<u8>), TokenHashError> {
     let parts: Vec<&str> = stored.split('$').collect();
     let [scheme, rounds, salt, hash] = parts[..] else {
-        return Err(format!(
-            "expected {TOKEN_HASH_SCHEME}$ROUNDS$SALT$HASH (set it with `lucidgate provision set-token`)"
-        ));
+        return Err(TokenHashError::Form);
     };
     if scheme != TOKEN_HASH_SCHEME {
-        return Err(format!(
-            "unknown scheme {scheme:?}, expected {TOKEN_HASH_SCHEME}"
-        ));
+        return Err(TokenHashError::Scheme(scheme.to_string()));
     }
     let rounds = rounds
         .parse::<u32>()
         .ok()
         .and_then(NonZeroU32::new)
-        .ok_or_else(|| format!("rounds {rounds:?} is not a positive number"))?;
-    let salt = unhex(salt).ok_or("the salt is not hex")?;
+        .ok_or_else(|| TokenHashError::Rounds(rounds.to_string()))?;
+    let salt = unhex(salt).ok_or(TokenHashError::Salt)?;
     let hash = unhex(hash)
         .filter(|h| h.len() == TOKEN_HASH_LEN)
-        .ok_or("the hash is not 64 hex digits")?;
+        .ok_or(TokenHashError::Hash)?;
     Ok((rounds, salt, hash))
 }
 

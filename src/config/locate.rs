@@ -111,7 +111,7 @@ fn path_with_table(
 
 /// Reads a UTF-8 text file (a `what`: config, attach config, ...) of at most `max` bytes;
 /// errors name the file.
-pub fn read_text(path: &Path, max: u64, what: &str) -> Result<String, ConfigError> {
+pub(crate) fn read_text(path: &Path, max: u64, what: &str) -> Result<String, ConfigError> {
     let meta = std::fs::metadata(path).map_err(|e| ConfigError::Read {
         path: path.to_path_buf(),
         source: e,
@@ -200,7 +200,7 @@ pub(super) fn find_line(text: &str, table: &str, key: &str) -> Option<usize> {
 /// Returns `text` (a TOML file) with `key = value` (`value` already in TOML form) in `[table]`,
 /// editing only that line: replaced where it is, else added at the end of the table, else in a
 /// new table at the end. Comments and layout stay; the caller checks that the result parses.
-pub fn set_key(text: &str, table: &str, key: &str, value: &str) -> String {
+pub(crate) fn set_key(text: &str, table: &str, key: &str, value: &str) -> String {
     let line = format!("{key} = {value}");
     let mut out: Vec<String> = Vec::new();
     let mut in_table = false;

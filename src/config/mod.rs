@@ -10,8 +10,8 @@
 //! hash), [`validate`] the checks of a whole config, [`locate`] the TOML reader whose errors name
 //! file, line and field (shared by every TOML file lucidgate reads) and the in-place editor.
 
-pub mod check;
-pub mod locate;
+pub(crate) mod check;
+pub(crate) mod locate;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -21,14 +21,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use check::{MAX_SERIAL_LEN, check_serial, parse_duration};
+pub(crate) use check::{MAX_SERIAL_LEN, check_serial, parse_duration};
 use locate::find_line;
-pub use locate::{parse_toml, read_text};
+pub use locate::parse_toml;
+pub(crate) use locate::read_text;
 
 /// Where `serve`, `status`, `port` and `config check` look for the config by default.
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/lucidgate/lucidgate.toml";
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "/etc/lucidgate/lucidgate.toml";
 /// A config file larger than this is refused (it is certainly not a lucidgate config).
-pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,29 +37,29 @@ pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 pub struct Config {
     /// Addresses the relays listen on. The IPv6 wildcard is bound v6-only, so both wildcards
     /// can be listed together.
-    pub listen: Vec<IpAddr>,
+    pub(crate) listen: Vec<IpAddr>,
     /// Where the port registry (and later the PKI) lives.
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// Unix socket for `lucidgate status`.
-    pub control_socket: PathBuf,
-    pub ports: PortsConfig,
-    pub relay: RelayConfig,
-    pub tls: TlsConfig,
-    pub limits: Limits,
-    pub discovery: DiscoveryConfig,
-    pub metrics: MetricsConfig,
-    pub provision: ProvisionConfig,
+    pub(crate) control_socket: PathBuf,
+    pub(crate) ports: PortsConfig,
+    pub(crate) relay: RelayConfig,
+    pub(crate) tls: TlsConfig,
+    pub(crate) limits: Limits,
+    pub(crate) discovery: DiscoveryConfig,
+    pub(crate) metrics: MetricsConfig,
+    pub(crate) provision: ProvisionConfig,
     /// Match rules in addition to the built-in ones (vendor `deciphe_it`, model `LucidIo*`).
     #[serde(rename = "match", skip_serializing_if = "Vec::is_empty")]
-    pub match_rules: Vec<MatchRule>,
+    pub(crate) match_rules: Vec<MatchRule>,
     /// Turn the built-in match rules off (then only `[[match]]` rules apply).
-    pub builtin_match: bool,
+    pub(crate) builtin_match: bool,
     /// Per-module overrides, keyed by serial number.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub modules: BTreeMap<String, ModuleOverride>,
+    pub(crate) modules: BTreeMap<String, ModuleOverride>,
     /// Ttys served although udev does not describe them as modules.
     #[serde(rename = "device", skip_serializing_if = "Vec::is_empty")]
-    pub devices: Vec<StaticDevice>,
+    pub(crate) devices: Vec<StaticDevice>,
 }
 
 impl Default for Config {
@@ -88,13 +89,13 @@ impl Default for Config {
 /// Announcing served modules on the local network by mDNS/DNS-SD (`_lucidgate._tcp`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct DiscoveryConfig {
+pub(crate) struct DiscoveryConfig {
     /// Announce each served module (off: nothing is sent or listened for on UDP 5353).
-    pub mdns: bool,
+    pub(crate) mdns: bool,
     /// Host name announced (without `.local`); empty: the machine's host name.
-    pub hostname: String,
+    pub(crate) hostname: String,
     /// Network interfaces to announce on (e.g. `["eth0"]`); empty: all.
-    pub interfaces: Vec<String>,
+    pub(crate) interfaces: Vec<String>,
 }
 
 impl Default for DiscoveryConfig {
@@ -110,13 +111,13 @@ impl Default for DiscoveryConfig {
 /// Certificate provisioning from USB sticks (see `provision`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ProvisionConfig {
+pub(crate) struct ProvisionConfig {
     /// Hash of the provisioning token (`lucidgate provision set-token` writes it). Unset:
     /// provisioning is off; a stick only gets a result file saying so.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_hash: Option<String>,
+    pub(crate) token_hash: Option<String>,
     /// Look at USB sticks (FAT partitions) that are plugged in.
-    pub usb: bool,
+    pub(crate) usb: bool,
 }
 
 impl Default for ProvisionConfig {
@@ -131,19 +132,19 @@ impl Default for ProvisionConfig {
 /// The optional OpenMetrics (Prometheus) endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
+pub(crate) struct MetricsConfig {
     /// Address to serve `GET /metrics` on, e.g. `127.0.0.1:9464`; unset: no endpoint (the
     /// counters are in `lucidgate status --json` either way).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<std::net::SocketAddr>,
+    pub(crate) listen: Option<std::net::SocketAddr>,
 }
 
 /// The port rule: `base + serial % span` unless a module has a fixed or remembered port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PortsConfig {
-    pub base: u16,
-    pub span: u16,
+pub(crate) struct PortsConfig {
+    pub(crate) base: u16,
+    pub(crate) span: u16,
 }
 
 impl Default for PortsConfig {
@@ -158,14 +159,14 @@ impl Default for PortsConfig {
 /// How relays talk to clients by default; each can be overridden per module.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RelayConfig {
-    pub transport: TransportKind,
-    pub policy: ClientPolicy,
+pub(crate) struct RelayConfig {
+    pub(crate) transport: TransportKind,
+    pub(crate) policy: ClientPolicy,
     /// Line speed set on the serial port (CDC-ACM ignores it; set anyway, as the vendor does).
-    pub baud: u32,
+    pub(crate) baud: u32,
     /// Ask each module GetId when its relay starts (turn off for ttys that are not
     /// LucidControl modules: they would receive the 4 request bytes).
-    pub identify: bool,
+    pub(crate) identify: bool,
 }
 
 impl Default for RelayConfig {
@@ -182,7 +183,7 @@ impl Default for RelayConfig {
 /// The transport a relay speaks to its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum TransportKind {
+pub(crate) enum TransportKind {
     /// TLS with client certificates (mutual authentication): the default.
     Mtls,
     /// TLS, server authentication only: any client that trusts the CA may connect.
@@ -192,7 +193,7 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    pub fn is_tls(self) -> bool {
+    fn is_tls(self) -> bool {
         self != TransportKind::Plain
     }
 }
@@ -233,26 +234,26 @@ impl fmt::Display for ClientPolicy {
 /// The built-in CA and the server certificate (or an external PKI).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct TlsConfig {
+pub(crate) struct TlsConfig {
     /// Lifetime of the server certificate (renewed automatically), e.g. "30d".
-    pub server_cert_lifetime: String,
+    pub(crate) server_cert_lifetime: String,
     /// Renew the server certificate when this fraction of its life has passed.
-    pub renew_fraction: f64,
+    pub(crate) renew_fraction: f64,
     /// Lifetime of the built-in CA, e.g. "3650d".
-    pub ca_lifetime: String,
+    pub(crate) ca_lifetime: String,
     /// Extra DNS names for the server certificate (hostname, hostname.local, localhost and the
     /// current addresses are always in it).
-    pub names: Vec<String>,
+    pub(crate) names: Vec<String>,
     /// Extra IP addresses for the server certificate.
-    pub ips: Vec<IpAddr>,
+    pub(crate) ips: Vec<IpAddr>,
     /// Bring your own PKI: the CA bundle that signs client certificates ...
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// ... and the server certificate chain and key (key must be mode 0600).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cert_file: Option<PathBuf>,
+    pub(crate) cert_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
 }
 
 impl Default for TlsConfig {
@@ -273,32 +274,32 @@ impl Default for TlsConfig {
 /// Every bound and timeout of the daemon, with its default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Bytes buffered per direction per session (backpressure beyond that).
-    pub buffer_bytes: usize,
+    pub(crate) buffer_bytes: usize,
     /// Connections per module being accepted or refused at once; more wait in the kernel backlog.
-    pub max_pending_per_module: usize,
+    pub(crate) max_pending_per_module: usize,
     /// A client that sends nothing for this long is disconnected (0: never).
-    pub idle_timeout_secs: u64,
+    pub(crate) idle_timeout_secs: u64,
     /// TCP keepalive idle time for client connections (0: keepalive off).
-    pub keepalive_secs: u64,
+    pub(crate) keepalive_secs: u64,
     /// How long a module's relay may take to stop before it is abandoned.
-    pub stop_timeout_ms: u64,
+    pub(crate) stop_timeout_ms: u64,
     /// Pause before retrying a relay that failed to start (port busy, device not openable).
-    pub retry_ms: u64,
+    pub(crate) retry_ms: u64,
     /// Most modules served at once (udev devices beyond this are refused with a log line).
-    pub max_modules: usize,
+    pub(crate) max_modules: usize,
     /// Most control-socket connections handled at once.
-    pub max_control_clients: usize,
+    pub(crate) max_control_clients: usize,
     /// A TLS handshake must finish within this time (slow or stuck peers are cut).
-    pub handshake_timeout_ms: u64,
+    pub(crate) handshake_timeout_ms: u64,
     /// TLS handshakes in progress at once, across all modules.
-    pub max_handshakes: usize,
+    pub(crate) max_handshakes: usize,
     /// Clients of one module at once with `policy = "shared"` (more are refused with a log line).
-    pub max_clients_per_module: usize,
+    pub(crate) max_clients_per_module: usize,
     /// How long lucidgate waits for a module's answer when it speaks the protocol itself
     /// (GetId at start, shared mode, read-only clients); the protocol says about 1 s.
-    pub answer_timeout_ms: u64,
+    pub(crate) answer_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -323,42 +324,42 @@ impl Default for Limits {
 /// One match rule: every field given must match (glob patterns), unset fields match anything.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-pub struct MatchRule {
+pub(crate) struct MatchRule {
     /// `ID_VENDOR`, e.g. `deciphe_it`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub vendor: Option<String>,
+    pub(crate) vendor: Option<String>,
     /// `ID_MODEL`, e.g. `LucidIo*`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
+    pub(crate) model: Option<String>,
     /// `ID_VENDOR_ID` (4 hex digits).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub vendor_id: Option<String>,
+    pub(crate) vendor_id: Option<String>,
     /// `ID_MODEL_ID` (4 hex digits).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub product_id: Option<String>,
+    pub(crate) product_id: Option<String>,
 }
 
 /// `[modules."SERIAL"]`: settings for one module.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ModuleOverride {
+pub(crate) struct ModuleOverride {
     /// A fixed port; never probed away from.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
     /// `false`: the module is not served even when plugged in.
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub baud: Option<u32>,
+    pub(crate) baud: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<ClientPolicy>,
+    pub(crate) policy: Option<ClientPolicy>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub transport: Option<TransportKind>,
+    pub(crate) transport: Option<TransportKind>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub identify: Option<bool>,
+    pub(crate) identify: Option<bool>,
     /// Only these client names (certificate CN) may use the module; overrides the rights in
     /// client certificates.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub allow: Option<Vec<String>>,
+    pub(crate) allow: Option<Vec<String>>,
 }
 
 impl Default for ModuleOverride {
@@ -378,11 +379,11 @@ impl Default for ModuleOverride {
 /// `[[device]]`: a tty served as a module without udev's word for it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StaticDevice {
-    pub path: PathBuf,
-    pub serial: String,
+pub(crate) struct StaticDevice {
+    pub(crate) path: PathBuf,
+    pub(crate) serial: String,
     #[serde(default = "StaticDevice::default_model")]
-    pub model: String,
+    pub(crate) model: String,
 }
 
 impl StaticDevice {
@@ -408,19 +409,19 @@ pub enum ConfigError {
 /// The settings a module ends up with after defaults and its override are merged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleSettings {
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     pub fixed_port: Option<u16>,
-    pub baud: u32,
+    pub(crate) baud: u32,
     pub policy: ClientPolicy,
-    pub transport: TransportKind,
-    pub identify: bool,
-    pub allow: Option<Vec<String>>,
+    pub(crate) transport: TransportKind,
+    pub(crate) identify: bool,
+    pub(crate) allow: Option<Vec<String>>,
 }
 
 impl Config {
     /// Loads `path`. With `required == false` a missing file means "all defaults" (the default
     /// path need not exist); an explicitly named file must exist.
-    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+    pub(crate) fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
         match std::fs::metadata(path) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
@@ -477,7 +478,7 @@ impl Config {
     }
 
     /// Whether any module may be served over TLS (then the PKI is needed).
-    pub fn uses_tls(&self) -> bool {
+    pub(crate) fn uses_tls(&self) -> bool {
         self.relay.transport.is_tls()
             || self
                 .modules
@@ -486,7 +487,7 @@ impl Config {
     }
 
     /// The rules devices are matched with: built-in ones (unless turned off) then config's.
-    pub fn effective_match_rules(&self) -> Vec<MatchRule> {
+    pub(crate) fn effective_match_rules(&self) -> Vec<MatchRule> {
         let mut rules = Vec::new();
         if self.builtin_match {
             rules.push(MatchRule {
@@ -503,7 +504,7 @@ impl Config {
     }
 
     /// The effective config as TOML (what `config check` prints).
-    pub fn to_toml(&self) -> String {
+    pub(crate) fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
     }
 }

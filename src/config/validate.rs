@@ -62,7 +62,7 @@ impl Config {
         if !self.discovery.hostname.is_empty()
             && let Err(m) = check_hostname(&self.discovery.hostname)
         {
-            return err("discovery", "hostname", m);
+            return err("discovery", "hostname", m.to_string());
         }
         if let Some(i) = self
             .discovery
@@ -79,7 +79,7 @@ impl Config {
         if let Some(h) = &self.provision.token_hash
             && let Err(m) = check_token_hash(h)
         {
-            return err("provision", "token_hash", m);
+            return err("provision", "token_hash", m.to_string());
         }
         if l.max_clients_per_module == 0 {
             return err(
@@ -101,7 +101,7 @@ impl Config {
             ("ca_lifetime", &t.ca_lifetime),
         ] {
             match parse_duration(v) {
-                Err(m) => return err("tls", key, m),
+                Err(m) => return err("tls", key, m.to_string()),
                 Ok(d) if d.as_secs() < 2 => {
                     return err("tls", key, format!("{v:?} is too short (2s at least)"));
                 }

@@ -21,7 +21,7 @@ const PROC_DEVICES: &str = "/proc/devices";
 static AT_START: OnceLock<BTreeSet<(bool, String)>> = OnceLock::new();
 
 /// Records the drivers loaded now (call once, when the daemon starts).
-pub fn record_start() {
+pub(crate) fn record_start() {
     let _ = AT_START.set(drivers().into_iter().map(|(b, _, n)| (b, n)).collect());
 }
 
@@ -51,7 +51,7 @@ fn parse_proc_devices(text: &str) -> Vec<(bool, u32, String)> {
 }
 
 /// Whether lucidgate runs as a systemd service (which restarts it when it exits with an error).
-pub fn under_systemd() -> bool {
+pub(crate) fn under_systemd() -> bool {
     std::env::var_os("INVOCATION_ID").is_some()
 }
 
@@ -59,17 +59,17 @@ pub fn under_systemd() -> bool {
 #[derive(Debug, thiserror::Error)]
 #[error("{what} {devnode}: {source}; {hint}")]
 pub struct OpenError {
-    pub what: &'static str,
-    pub devnode: String,
-    pub source: io::Error,
-    pub hint: String,
+    pub(crate) what: &'static str,
+    pub(crate) devnode: String,
+    pub(crate) source: io::Error,
+    pub(crate) hint: String,
     /// The device's driver was loaded after the service's device allow-list was made: a
     /// restart of the service lets it in.
-    pub restart_fixes_it: bool,
+    pub(crate) restart_fixes_it: bool,
 }
 
 /// Explains why opening `devnode` (`what`: "opening serial port", ...) failed with `err`.
-pub fn explain(what: &'static str, devnode: &Path, err: io::Error) -> OpenError {
+pub(crate) fn explain(what: &'static str, devnode: &Path, err: io::Error) -> OpenError {
     let (hint, restart_fixes_it) = hint(devnode, &err);
     OpenError {
         what,

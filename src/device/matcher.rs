@@ -10,7 +10,7 @@ use crate::config::{MatchRule, check_serial};
 /// Where a module's serial came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum SerialSource {
+pub(crate) enum SerialSource {
     /// udev's `ID_SERIAL_SHORT`.
     Udev,
     /// The USB device's `serial` attribute (udev had none).
@@ -24,20 +24,20 @@ pub enum SerialSource {
 
 /// A module as the supervisor knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModuleInfo {
+pub(crate) struct ModuleInfo {
     /// The key of everything: ports, overrides, status, logs.
-    pub serial: String,
-    pub serial_source: SerialSource,
-    pub model: String,
-    pub vendor: String,
-    pub devnode: PathBuf,
+    pub(crate) serial: String,
+    pub(crate) serial_source: SerialSource,
+    pub(crate) model: String,
+    pub(crate) vendor: String,
+    pub(crate) devnode: PathBuf,
     /// Identifies the device across its events (udev syspath, or the config path).
-    pub syspath: PathBuf,
+    pub(crate) syspath: PathBuf,
 }
 
 /// Compiled match rules.
 #[derive(Debug, Clone)]
-pub struct Matcher {
+pub(crate) struct Matcher {
     rules: Vec<CompiledRule>,
 }
 
@@ -48,7 +48,7 @@ struct CompiledRule {
 
 impl Matcher {
     /// Compiles rules; patterns were validated with the config, a bad one here matches nothing.
-    pub fn new(rules: &[MatchRule]) -> Matcher {
+    pub(crate) fn new(rules: &[MatchRule]) -> Matcher {
         let rules = rules
             .iter()
             .map(|r| {
@@ -83,7 +83,7 @@ impl Matcher {
 
     /// The module this event describes, or `None` for a device that is not one (wrong
     /// subsystem, not on USB, no device node, no rule matches).
-    pub fn module_of(&self, ev: &DeviceEvent) -> Option<ModuleInfo> {
+    pub(crate) fn module_of(&self, ev: &DeviceEvent) -> Option<ModuleInfo> {
         if ev.subsystem != "tty" || ev.property("ID_BUS") != Some("usb") {
             return None;
         }

@@ -18,7 +18,7 @@ const WATCH_POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What the watch sends.
 #[derive(Debug)]
-pub enum WatchMsg {
+pub(crate) enum WatchMsg {
     Device(DeviceEvent),
     /// Every device present at start-up has been sent.
     Enumerated,
@@ -57,7 +57,7 @@ fn owned(device: &udev::Device, action: Action) -> DeviceEvent {
 
 /// Starts the watch for `subsystems`. Returns once the monitor is subscribed (or with the error
 /// that prevented it); the thread ends when the receiver is dropped.
-pub fn spawn(subsystems: &[&str], tx: mpsc::Sender<WatchMsg>) -> Result<JoinHandle<()>> {
+pub(crate) fn spawn(subsystems: &[&str], tx: mpsc::Sender<WatchMsg>) -> Result<JoinHandle<()>> {
     let subsystems: Vec<String> = subsystems.iter().map(|s| s.to_string()).collect();
     let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<()>>(1);
     let handle = std::thread::Builder::new()

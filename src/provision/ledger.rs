@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The ledger keeps this many most recent requests.
-pub const MAX_ENTRIES: usize = 1000;
+const MAX_ENTRIES: usize = 1000;
 /// Largest ledger file read.
 const MAX_LEDGER_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -17,13 +17,13 @@ const MAX_LEDGER_BYTES: u64 = 4 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Processed {
-    pub id: String,
+    pub(crate) id: String,
     /// When (RFC 3339, UTC).
-    pub at: String,
+    pub(crate) at: String,
     /// The stick: label and volume id.
-    pub stick: String,
+    pub(crate) stick: String,
     /// What it did: `issued NAME serial SERIAL`, `imported CA ...`.
-    pub did: Vec<String>,
+    pub(crate) did: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -33,7 +33,7 @@ struct File {
     request: Vec<Processed>,
 }
 
-pub fn path(state_dir: &Path) -> PathBuf {
+fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("provision.toml")
 }
 
@@ -66,7 +66,7 @@ pub fn find(state_dir: &Path, id: &str) -> Result<Option<Processed>> {
 }
 
 /// Records a processed request (atomically; the oldest entries beyond [`MAX_ENTRIES`] go).
-pub fn record(state_dir: &Path, entry: Processed) -> Result<()> {
+pub(crate) fn record(state_dir: &Path, entry: Processed) -> Result<()> {
     crate::state::ensure_private_dir(state_dir)?;
     let mut f = load(state_dir)?;
     f.request.retain(|r| r.id != entry.id);

@@ -11,7 +11,7 @@
 
 mod deliver;
 pub mod ledger;
-pub mod request;
+pub(crate) mod request;
 pub mod stick;
 pub mod token;
 
@@ -28,12 +28,12 @@ use crate::clock::Clock;
 use stick::{Disk, Stick, StickError};
 
 /// Where things live on the stick.
-pub const DIR: &str = "lucidgate";
-pub const REQUEST_PATH: &str = "lucidgate/request.toml";
-pub const RESULT_PATH: &str = "lucidgate/result.toml";
-pub const OUT_DIR: &str = "lucidgate/out";
+const DIR: &str = "lucidgate";
+const REQUEST_PATH: &str = "lucidgate/request.toml";
+const RESULT_PATH: &str = "lucidgate/result.toml";
+const OUT_DIR: &str = "lucidgate/out";
 /// Largest file of an `[import]` read from the stick.
-pub const MAX_IMPORT_FILE: usize = 64 * 1024;
+const MAX_IMPORT_FILE: usize = 64 * 1024;
 /// Bytes a client's files take at most (key, certificate, both), before cluster rounding.
 const CLIENT_FILE_BYTES: u64 = 4096;
 
@@ -76,13 +76,13 @@ impl Status {
 
 /// One certificate delivered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Issued {
-    pub name: String,
-    pub serial: String,
-    pub modules: Vec<String>,
-    pub read_only: bool,
-    pub not_after: String,
-    pub files: Vec<String>,
+pub(crate) struct Issued {
+    pub(crate) name: String,
+    pub(crate) serial: String,
+    pub(crate) modules: Vec<String>,
+    pub(crate) read_only: bool,
+    pub(crate) not_after: String,
+    pub(crate) files: Vec<String>,
 }
 
 /// The outcome of a run, and what `result.toml` says.
@@ -90,22 +90,22 @@ pub struct Issued {
 pub struct Outcome {
     pub status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub request: Option<String>,
+    pub(crate) request: Option<String>,
     pub message: String,
-    pub hostname: String,
-    pub time: String,
+    pub(crate) hostname: String,
+    pub(crate) time: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub issued: Vec<Issued>,
+    pub(crate) issued: Vec<Issued>,
     /// Serial → port of the modules served now.
-    pub modules: BTreeMap<String, u16>,
+    pub(crate) modules: BTreeMap<String, u16>,
     /// The stick, for logs: label and volume id.
     #[serde(skip)]
-    pub stick: String,
+    pub(crate) stick: String,
     /// Whether result.toml is on the stick.
     #[serde(skip)]
-    pub result_written: bool,
+    pub(crate) result_written: bool,
 }
 
 /// A stick that is not for lucidgate (no `lucidgate/request.toml`) or not FAT at all.
@@ -138,7 +138,7 @@ fn mounted_at(path: &Path) -> Option<String> {
 
 /// Runs provisioning on a block device or image file. The device is opened read-write (read-only
 /// when it is write-protected: then nothing can be issued, and the journal says why).
-pub fn run_path(path: &Path, dev: &Gateway) -> Result<Outcome, NotProvisioning> {
+pub(crate) fn run_path(path: &Path, dev: &Gateway) -> Result<Outcome, NotProvisioning> {
     if let Some(at) = mounted_at(path) {
         return Err(NotProvisioning::Mounted {
             path: path.display().to_string(),
@@ -196,7 +196,7 @@ fn is_read_only_block_device(file: &std::fs::File) -> bool {
 }
 
 /// The host name a result file names: `[discovery] hostname`, else the machine's.
-pub fn hostname(cfg: &crate::config::Config) -> String {
+pub(crate) fn hostname(cfg: &crate::config::Config) -> String {
     if !cfg.discovery.hostname.is_empty() {
         return cfg.discovery.hostname.clone();
     }

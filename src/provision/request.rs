@@ -7,54 +7,54 @@ use serde::Deserialize;
 use crate::config::ConfigError;
 
 /// Largest request file read from a stick.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Most client certificates one request may ask for.
-pub const MAX_CLIENTS: usize = 64;
+const MAX_CLIENTS: usize = 64;
 /// Longest request id.
-pub const MAX_ID_LEN: usize = 64;
+const MAX_ID_LEN: usize = 64;
 /// Default lifetime of a client certificate issued from a stick.
-pub const DEFAULT_DAYS: u32 = 365;
+pub(crate) const DEFAULT_DAYS: u32 = 365;
 
 /// `lucidgate/request.toml` as written by the operator.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct Request {
+pub(crate) struct Request {
     /// Names this request so it is processed once; default: a hash of the file.
-    pub id: Option<String>,
+    pub(crate) id: Option<String>,
     /// Must match the device's provisioning token.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     #[serde(default)]
-    pub client: Vec<ClientRequest>,
-    pub import: Option<Import>,
+    pub(crate) client: Vec<ClientRequest>,
+    pub(crate) import: Option<Import>,
 }
 
 /// One client certificate to issue.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct ClientRequest {
-    pub name: String,
+pub(crate) struct ClientRequest {
+    pub(crate) name: String,
     /// Module serials, or `["*"]` for all.
-    pub modules: Vec<String>,
+    pub(crate) modules: Vec<String>,
     #[serde(default)]
-    pub read_only: bool,
-    pub days: Option<u32>,
+    pub(crate) read_only: bool,
+    pub(crate) days: Option<u32>,
 }
 
 /// The operator's own PKI, installed instead of the built-in CA. Paths are relative to the
 /// stick's `lucidgate/` directory.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct Import {
+pub(crate) struct Import {
     /// CA certificate(s) client certificates must chain to.
-    pub ca: String,
+    pub(crate) ca: String,
     /// Server certificate chain.
-    pub cert: String,
+    pub(crate) cert: String,
     /// Server private key.
-    pub key: String,
+    pub(crate) key: String,
 }
 
 /// Parses `text` (from `origin`, for messages) and checks every field.
-pub fn parse(text: &str, origin: &str) -> Result<Request, Vec<String>> {
+pub(crate) fn parse(text: &str, origin: &str) -> Result<Request, Vec<String>> {
     let req: Request = crate::config::parse_toml(text, origin).map_err(|e| match e {
         ConfigError::Invalid { location, message } => vec![format!("{location}: {message}")],
         other => vec![other.to_string()],
@@ -128,7 +128,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Request, Vec<String>> {
 }
 
 /// A request id: letters, digits, `-`, `_`, `.`.
-pub fn check_id(id: &str) -> Result<(), String> {
+fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(format!("must be 1 to {MAX_ID_LEN} characters"));
     }
@@ -145,7 +145,7 @@ pub fn check_id(id: &str) -> Result<(), String> {
 
 /// A path on the stick, relative to `lucidgate/`: plain names separated by `/`, no `..`, no
 /// absolute paths.
-pub fn check_stick_path(p: &str) -> Result<(), String> {
+fn check_stick_path(p: &str) -> Result<(), String> {
     if p.is_empty() || p.len() > 255 {
         return Err("must be 1 to 255 characters".into());
     }

@@ -16,9 +16,9 @@ use fatfs::{Date, DateTime, FileSystem, FsOptions, Time, TimeProvider};
 /// Most bytes read from one stick in one run. A legitimate run reads a few hundred KiB (the
 /// request, directories, the FAT for the free space); a crafted stick whose directory clusters
 /// form a loop would otherwise keep fatfs reading forever.
-pub const MAX_READ_BYTES: u64 = 128 * 1024 * 1024;
+const MAX_READ_BYTES: u64 = 128 * 1024 * 1024;
 /// Longest a run may take on one stick (the same loop, read slowly).
-pub const TIME_LIMIT: Duration = Duration::from_secs(60);
+const TIME_LIMIT: Duration = Duration::from_secs(60);
 
 /// A block device or image file whose `flush` reaches the medium (fsync), with a read budget
 /// and a time limit: past either, every read fails and the run ends with that error.
@@ -30,7 +30,7 @@ pub struct Disk {
 }
 
 impl Disk {
-    pub fn new(file: File) -> Disk {
+    pub(crate) fn new(file: File) -> Disk {
         Disk::with_time_limit(file, TIME_LIMIT)
     }
 
@@ -124,39 +124,39 @@ fn io_err(path: &str) -> impl FnOnce(io::Error) -> StickError + '_ {
 }
 
 /// An opened FAT filesystem.
-pub struct Stick<D: Read + Write + Seek> {
+pub(crate) struct Stick<D: Read + Write + Seek> {
     fs: FileSystem<D>,
 }
 
 impl<D: Read + Write + Seek> Stick<D> {
     /// Reads the boot sector; anything that is not FAT12/16/32 is [`StickError::NotFat`].
-    pub fn open(disk: D) -> Result<Stick<D>, StickError> {
+    pub(crate) fn open(disk: D) -> Result<Stick<D>, StickError> {
         let fs = FileSystem::new(disk, FsOptions::new().time_provider(&UTC))
             .map_err(StickError::NotFat)?;
         Ok(Stick { fs })
     }
 
     /// The volume label (for logs), trimmed.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         self.fs.volume_label().trim().to_string()
     }
 
-    pub fn volume_id(&self) -> u32 {
+    pub(crate) fn volume_id(&self) -> u32 {
         self.fs.volume_id()
     }
 
     /// Free bytes on the filesystem.
-    pub fn free_bytes(&self) -> io::Result<u64> {
+    pub(crate) fn free_bytes(&self) -> io::Result<u64> {
         let st = self.fs.stats()?;
         Ok(st.free_clusters() as u64 * st.cluster_size() as u64)
     }
 
-    pub fn cluster_size(&self) -> u64 {
+    pub(crate) fn cluster_size(&self) -> u64 {
         self.fs.cluster_size() as u64
     }
 
     /// Reads `path` (at most `max` bytes); `None` when it does not exist.
-    pub fn read(&self, path: &str, max: usize) -> Result<Option<Vec<u8>>, StickError> {
+    pub(crate) fn read(&self, path: &str, max: usize) -> Result<Option<Vec<u8>>, StickError> {
         let mut f = match self.fs.root_dir().open_file(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -178,7 +178,7 @@ impl<D: Read + Write + Seek> Stick<D> {
     }
 
     /// Creates directory `path` and its parents (existing ones are fine).
-    pub fn create_dirs(&self, path: &str) -> Result<(), StickError> {
+    pub(crate) fn create_dirs(&self, path: &str) -> Result<(), StickError> {
         let mut at = String::new();
         for part in path.split('/').filter(|p| !p.is_empty()) {
             if !at.is_empty() {
@@ -191,7 +191,7 @@ impl<D: Read + Write + Seek> Stick<D> {
     }
 
     /// Replaces `path` with `data` (see the module docs for the order of steps).
-    pub fn write_replace(&self, path: &str, data: &[u8]) -> Result<(), StickError> {
+    pub(crate) fn write_replace(&self, path: &str, data: &[u8]) -> Result<(), StickError> {
         let root = self.fs.root_dir();
         let (dir, name) = match path.rsplit_once('/') {
             Some((d, n)) => (Some(d), n),
@@ -230,7 +230,7 @@ impl<D: Read + Write + Seek> Stick<D> {
     }
 
     /// Unmounts cleanly (FSInfo written, dirty flag cleared) and flushes.
-    pub fn close(self) -> io::Result<()> {
+    pub(crate) fn close(self) -> io::Result<()> {
         self.fs.unmount()
     }
 }

@@ -14,11 +14,11 @@ use crate::config::locate::set_key;
 
 /// PBKDF2 rounds: slow enough to make guessing a token from a leaked config expensive, quick
 /// enough (about 0.1 s on a Pi 4) for a stick that is plugged in by hand.
-pub const ITERATIONS: u32 = 100_000;
+const ITERATIONS: u32 = 100_000;
 /// Longest token accepted (a request with a longer one is refused before hashing).
-pub const MAX_TOKEN_LEN: usize = 256;
+const MAX_TOKEN_LEN: usize = 256;
 /// Shortest token `set-token` accepts.
-pub const MIN_TOKEN_LEN: usize = 12;
+const MIN_TOKEN_LEN: usize = 12;
 const SALT_LEN: usize = 16;
 
 fn hex(b: &[u8]) -> String {
@@ -26,7 +26,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// Hashes `token` with a fresh salt: `pbkdf2-sha256$ROUNDS$SALT$HASH` (hex).
-pub fn hash(token: &str) -> Result<String> {
+fn hash(token: &str) -> Result<String> {
     hash_with_rounds(token, ITERATIONS)
 }
 
@@ -53,7 +53,7 @@ pub fn hash_with_rounds(token: &str, rounds: u32) -> Result<String> {
 }
 
 /// Whether `token` matches `stored` (constant time in the comparison).
-pub fn verify(stored: &str, token: &str) -> bool {
+pub(crate) fn verify(stored: &str, token: &str) -> bool {
     if token.len() > MAX_TOKEN_LEN {
         return false;
     }
@@ -71,7 +71,7 @@ pub fn verify(stored: &str, token: &str) -> bool {
 }
 
 /// A new random token: 24 characters from an alphabet without look-alikes.
-pub fn generate() -> Result<String> {
+pub(crate) fn generate() -> Result<String> {
     const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
     let mut raw = [0u8; 24];
     SystemRandom::new()
@@ -85,13 +85,13 @@ pub fn generate() -> Result<String> {
 
 /// Returns `text` (a config file) with `[provision] token_hash` set to `value`, editing only that
 /// line (comments and layout stay). The caller checks the result parses.
-pub fn set_in_config(text: &str, value: &str) -> String {
+fn set_in_config(text: &str, value: &str) -> String {
     set_key(text, "provision", "token_hash", &format!("\"{value}\""))
 }
 
 /// `lucidgate provision set-token`: hashes `token` into the config file at `path` (created if
 /// missing), atomically, keeping its mode. Returns the new file text.
-pub fn set_token(path: &Path, token: &str) -> Result<()> {
+pub(crate) fn set_token(path: &Path, token: &str) -> Result<()> {
     if token.len() < MIN_TOKEN_LEN || token.len() > MAX_TOKEN_LEN {
         bail!("a provisioning token must be {MIN_TOKEN_LEN} to {MAX_TOKEN_LEN} characters");
     }

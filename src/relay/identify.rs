@@ -40,7 +40,7 @@ impl ModuleIdentity {
 
 /// The outcome of identifying a module.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum IdentityState {
+pub(crate) enum IdentityState {
     /// Not asked yet.
     #[default]
     Pending,
@@ -54,7 +54,7 @@ pub enum IdentityState {
 
 impl IdentityState {
     /// `pending`, `ok`, `mismatch` or `failed`.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             IdentityState::Pending => "pending",
             IdentityState::Confirmed(_) => "ok",
@@ -63,7 +63,7 @@ impl IdentityState {
         }
     }
 
-    pub fn identity(&self) -> Option<&ModuleIdentity> {
+    pub(crate) fn identity(&self) -> Option<&ModuleIdentity> {
         match self {
             IdentityState::Confirmed(i) | IdentityState::Mismatch(i) => Some(i),
             _ => None,
@@ -71,7 +71,7 @@ impl IdentityState {
     }
 
     /// What is wrong, for status.
-    pub fn problem(&self, usb_serial: &str) -> Option<String> {
+    pub(crate) fn problem(&self, usb_serial: &str) -> Option<String> {
         match self {
             IdentityState::Mismatch(i) => Some(format!(
                 "GetId reports serial {}, udev/config says {usb_serial}",
@@ -84,26 +84,26 @@ impl IdentityState {
 }
 
 /// The GetId request.
-pub const GET_ID: [u8; 4] = [opcode::GET_ID, 0, 0, 0];
+pub(crate) const GET_ID: [u8; 4] = [opcode::GET_ID, 0, 0, 0];
 
 /// A module that did not identify itself (still starting up, busy, briefly confused) is asked
 /// again while no client uses it: first after this long, then twice as long each time...
-pub const RETRY_FIRST: Duration = Duration::from_secs(2);
+pub(crate) const RETRY_FIRST: Duration = Duration::from_secs(2);
 /// ...up to this long between tries, for as long as the relay runs.
-pub const RETRY_MAX: Duration = Duration::from_secs(60);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// When to ask a module that has not identified itself again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retry {
-    pub at: tokio::time::Instant,
+pub(crate) struct Retry {
+    pub(crate) at: tokio::time::Instant,
     wait: Duration,
     /// Tries so far, the first at relay start included.
-    pub tries: u32,
+    pub(crate) tries: u32,
 }
 
 impl Retry {
     /// After the first try failed.
-    pub fn first() -> Retry {
+    pub(crate) fn first() -> Retry {
         Retry {
             at: tokio::time::Instant::now() + RETRY_FIRST,
             wait: RETRY_FIRST,
@@ -112,7 +112,7 @@ impl Retry {
     }
 
     /// After one more try failed.
-    pub fn next(self) -> Retry {
+    pub(crate) fn next(self) -> Retry {
         let wait = (self.wait * 2).min(RETRY_MAX);
         Retry {
             at: tokio::time::Instant::now() + wait,
@@ -124,7 +124,7 @@ impl Retry {
 
 /// Asks the module on `dev` for its identity, waiting up to `timeout`. `Err` only when the
 /// port itself fails (the module is gone); a silent or confused module is `Ok(Failed)`.
-pub async fn ask_identity<D>(
+pub(crate) async fn ask_identity<D>(
     dev: &mut D,
     usb_serial: &str,
     timeout: Duration,
@@ -139,7 +139,7 @@ where
 }
 
 /// What the outcome of a GetId exchange says about the module.
-pub fn judge(got: Exchanged, usb_serial: &str, timeout: Duration) -> IdentityState {
+pub(crate) fn judge(got: Exchanged, usb_serial: &str, timeout: Duration) -> IdentityState {
     let raw = match got {
         Exchanged::Answer(raw) => raw,
         Exchanged::Timeout { partial } => {

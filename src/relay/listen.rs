@@ -22,11 +22,11 @@ use crate::accept::{self, ConnectionLimit};
 use crate::transport::{Accepted, Transport};
 
 /// Kernel backlog of each listener.
-pub const LISTEN_BACKLOG: i32 = 128;
+const LISTEN_BACKLOG: i32 = 128;
 /// Refused connections logged one by one per window and module; beyond that they are counted
 /// and summed up in one line when the window is over (a flood must not flood the journal).
-pub const REFUSAL_LOG_BURST: u32 = 10;
-pub const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(1);
+const REFUSAL_LOG_BURST: u32 = 10;
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(1);
 
 /// The budget of refusal log lines of one module's listeners.
 #[derive(Default)]
@@ -77,7 +77,7 @@ impl RefusalLog {
 /// Binds `port` on every address of `addrs`. Fails if any address cannot be bound, so a
 /// module is either reachable on all configured addresses or not started; an IPv6 address on
 /// a host without IPv6 is skipped with a warning instead.
-pub fn bind_all(addrs: &[IpAddr], port: u16) -> io::Result<Vec<std::net::TcpListener>> {
+pub(crate) fn bind_all(addrs: &[IpAddr], port: u16) -> io::Result<Vec<std::net::TcpListener>> {
     let mut out = Vec::with_capacity(addrs.len());
     for addr in addrs {
         match bind_one(SocketAddr::new(*addr, port)) {
@@ -119,7 +119,7 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// Socket options for a client connection: no Nagle delay, keepalive for half-open peers.
-pub fn tune_client(tcp: &TcpStream, keepalive: Duration) {
+fn tune_client(tcp: &TcpStream, keepalive: Duration) {
     let _ = tcp.set_nodelay(true);
     if !keepalive.is_zero() {
         let ka = TcpKeepalive::new()
@@ -131,25 +131,25 @@ pub fn tune_client(tcp: &TcpStream, keepalive: Duration) {
 }
 
 /// A connection that passed the transport, with the permit it holds until the relay decides.
-pub struct Incoming {
-    pub client: Accepted,
-    pub _permit: OwnedSemaphorePermit,
+pub(crate) struct Incoming {
+    pub(crate) client: Accepted,
+    pub(crate) _permit: OwnedSemaphorePermit,
 }
 
 /// Accept settings.
 #[derive(Clone)]
-pub struct AcceptConfig {
-    pub transport: Transport,
-    pub keepalive: Duration,
-    pub max_pending: usize,
+pub(crate) struct AcceptConfig {
+    pub(crate) transport: Transport,
+    pub(crate) keepalive: Duration,
+    pub(crate) max_pending: usize,
     /// Time a transport handshake may take (`limits.handshake_timeout_ms`; plain is immediate).
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
 }
 
 /// Runs one accept loop per listener until `cancel` (the bounded loop of `crate::accept`, all
 /// listeners sharing one limit of `max_pending`); connections that pass the transport are sent
 /// to `tx`. Tasks are tracked by `tracker`.
-pub fn spawn_acceptors(
+pub(crate) fn spawn_acceptors(
     listeners: Vec<std::net::TcpListener>,
     cfg: AcceptConfig,
     tx: mpsc::Sender<Incoming>,

@@ -12,21 +12,21 @@ use crate::protocol::{request_header_len, status};
 /// Counters of one relay. In raw mode they come from [`Scan`]ning the byte streams; in the
 /// protocol-aware modes from the exchanges themselves (then timeouts are counted too).
 #[derive(Debug, Default)]
-pub struct Metrics {
-    pub requests: AtomicU64,
-    pub answers_ok: AtomicU64,
+pub(crate) struct Metrics {
+    pub(crate) requests: AtomicU64,
+    pub(crate) answers_ok: AtomicU64,
     /// Answers with a status other than OK, by status.
-    pub answer_errors: Mutex<BTreeMap<u8, u64>>,
+    pub(crate) answer_errors: Mutex<BTreeMap<u8, u64>>,
     /// Requests the module did not answer within the answer timeout.
-    pub timeouts: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
     /// Writes from read-only clients answered locally with "not supported".
-    pub denied_writes: AtomicU64,
+    pub(crate) denied_writes: AtomicU64,
     /// Clients cut off for sending something that is not a request frame.
-    pub bad_frames: AtomicU64,
+    pub(crate) bad_frames: AtomicU64,
 }
 
 impl Metrics {
-    pub fn answer(&self, st: u8) {
+    pub(crate) fn answer(&self, st: u8) {
         if st == status::OK {
             self.answers_ok.fetch_add(1, Relaxed);
         } else {
@@ -40,7 +40,7 @@ impl Metrics {
     }
 
     /// Answers of any status so far.
-    pub fn answers(&self) -> u64 {
+    pub(crate) fn answers(&self) -> u64 {
         self.answers_ok.load(Relaxed)
             + self
                 .answer_errors
@@ -50,7 +50,7 @@ impl Metrics {
                 .sum::<u64>()
     }
 
-    pub fn snapshot(&self) -> MetricsSnapshot {
+    pub(crate) fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             requests: self.requests.load(Relaxed),
             answers_ok: self.answers_ok.load(Relaxed),
@@ -82,7 +82,7 @@ pub struct MetricsSnapshot {
 
 /// Which side of the protocol a [`Scan`] follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Requests,
     Answers,
 }
@@ -90,7 +90,7 @@ pub enum Side {
 /// Follows the frame boundaries of a byte stream that arrives in arbitrary pieces, looking only
 /// at headers and skipping data in bulk (cost per read: a few comparisons per frame).
 #[derive(Debug)]
-pub struct Scan {
+pub(crate) struct Scan {
     side: Side,
     head: [u8; 5],
     have: usize,
@@ -98,7 +98,7 @@ pub struct Scan {
 }
 
 impl Scan {
-    pub fn new(side: Side) -> Scan {
+    pub(crate) fn new(side: Side) -> Scan {
         Scan {
             side,
             head: [0; 5],
@@ -108,7 +108,7 @@ impl Scan {
     }
 
     /// Feeds bytes; calls `frame` with each complete header (its last byte is the data length).
-    pub fn feed(&mut self, mut bytes: &[u8], mut frame: impl FnMut(&[u8])) {
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], mut frame: impl FnMut(&[u8])) {
         while !bytes.is_empty() {
             if self.skip > 0 {
                 let k = self.skip.min(bytes.len());
@@ -133,7 +133,7 @@ impl Scan {
     }
 
     /// Counts what `bytes` completes into `metrics`.
-    pub fn count(&mut self, bytes: &[u8], metrics: &Metrics) {
+    pub(crate) fn count(&mut self, bytes: &[u8], metrics: &Metrics) {
         let side = self.side;
         self.feed(bytes, |h| match side {
             Side::Requests => {

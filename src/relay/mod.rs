@@ -9,13 +9,13 @@
 //! kick-old) is in `session`.
 
 pub mod identify;
-pub mod listen;
+pub(crate) mod listen;
 pub mod metrics;
-pub mod module;
-pub mod pump;
+mod module;
+mod pump;
 mod session;
-pub mod shared;
-pub mod tty;
+mod shared;
+pub(crate) mod tty;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -46,30 +46,30 @@ const INCOMING_QUEUE: usize = 4;
 /// Everything that decides how a module is served. Two equal specs mean a reload need not
 /// touch the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelaySpec {
-    pub serial: String,
-    pub devnode: PathBuf,
-    pub fixed_port: Option<u16>,
-    pub listen: Vec<IpAddr>,
-    pub baud: u32,
-    pub policy: ClientPolicy,
-    pub transport: TransportKind,
+pub(crate) struct RelaySpec {
+    pub(crate) serial: String,
+    pub(crate) devnode: PathBuf,
+    pub(crate) fixed_port: Option<u16>,
+    pub(crate) listen: Vec<IpAddr>,
+    pub(crate) baud: u32,
+    pub(crate) policy: ClientPolicy,
+    pub(crate) transport: TransportKind,
     /// Ask the module GetId before serving it.
-    pub identify: bool,
-    pub buffer_bytes: usize,
-    pub idle_timeout: Option<Duration>,
-    pub keepalive: Duration,
-    pub max_pending: usize,
+    pub(crate) identify: bool,
+    pub(crate) buffer_bytes: usize,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) keepalive: Duration,
+    pub(crate) max_pending: usize,
     /// A transport handshake (TLS) must finish within this time.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// Clients at once under `policy = "shared"`.
-    pub max_clients: usize,
+    pub(crate) max_clients: usize,
     /// How long the module gets to answer a request lucidgate forwards frame by frame.
-    pub answer_timeout: Duration,
+    pub(crate) answer_timeout: Duration,
     /// Client names that may use the module (`[modules."SERIAL"] allow`), instead of the
     /// rights in their certificates. Part of the spec so that a reload that changes it
     /// restarts the relay with the new list.
-    pub allow: Option<Vec<String>>,
+    pub(crate) allow: Option<Vec<String>>,
 }
 
 impl RelaySpec {
@@ -105,17 +105,17 @@ impl RelaySpec {
 
 /// Live counters of a relay, read by `status`.
 #[derive(Debug, Default)]
-pub struct RelayStats {
-    pub clients: AtomicUsize,
-    pub sessions: AtomicU64,
-    pub refused: AtomicU64,
-    pub traffic: Traffic,
+pub(crate) struct RelayStats {
+    pub(crate) clients: AtomicUsize,
+    pub(crate) sessions: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) traffic: Traffic,
     /// The connected clients' addresses and names.
-    pub client: Mutex<Vec<String>>,
+    pub(crate) client: Mutex<Vec<String>>,
     /// What GetId said when the relay started.
-    pub identity: Mutex<identify::IdentityState>,
+    pub(crate) identity: Mutex<identify::IdentityState>,
     /// Protocol counters.
-    pub metrics: metrics::Metrics,
+    pub(crate) metrics: metrics::Metrics,
 }
 
 impl RelayStats {
@@ -126,7 +126,7 @@ impl RelayStats {
 
 /// Why a relay ended.
 #[derive(Debug)]
-pub enum ExitReason {
+pub(crate) enum ExitReason {
     /// Cancelled by the supervisor or shutdown.
     Stopped,
     /// The serial port failed or hung up: the module is gone (or broken).
@@ -135,19 +135,19 @@ pub enum ExitReason {
 
 /// Sent to the supervisor when a relay task ends.
 #[derive(Debug)]
-pub struct RelayExit {
-    pub serial: String,
-    pub generation: u64,
-    pub reason: ExitReason,
+pub(crate) struct RelayExit {
+    pub(crate) serial: String,
+    pub(crate) generation: u64,
+    pub(crate) reason: ExitReason,
 }
 
 /// The supervisor's handle on a running relay.
-pub struct RelayHandle {
-    pub spec: RelaySpec,
-    pub port: u16,
-    pub generation: u64,
-    pub stats: Arc<RelayStats>,
-    pub since: std::time::SystemTime,
+pub(crate) struct RelayHandle {
+    pub(crate) spec: RelaySpec,
+    pub(crate) port: u16,
+    pub(crate) generation: u64,
+    pub(crate) stats: Arc<RelayStats>,
+    pub(crate) since: std::time::SystemTime,
     cancel: CancellationToken,
     /// Cancelled (before `cancel`) when the device was unplugged: no answer is waited for.
     unplugged: CancellationToken,
@@ -156,13 +156,13 @@ pub struct RelayHandle {
 
 impl RelayHandle {
     /// Stops the relay of a module that was unplugged: nothing of it is waited for.
-    pub async fn stop_unplugged(self, timeout: Duration) {
+    pub(crate) async fn stop_unplugged(self, timeout: Duration) {
         self.unplugged.cancel();
         self.stop(timeout).await;
     }
 
     /// Stops the relay and waits (up to `timeout`) until its port and device are closed.
-    pub async fn stop(self, timeout: Duration) {
+    pub(crate) async fn stop(self, timeout: Duration) {
         self.cancel.cancel();
         let serial = self.spec.serial.clone();
         if tokio::time::timeout(timeout, self.join).await.is_err() {
@@ -170,30 +170,30 @@ impl RelayHandle {
         }
     }
 
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.join.is_finished()
     }
 }
 
 /// What a relay is started with: everything the supervisor prepared for it.
 pub(crate) struct RelayParts {
-    pub spec: RelaySpec,
+    pub(crate) spec: RelaySpec,
     /// The port `listeners` are bound to.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Tells this relay's [`RelayExit`] from that of an earlier relay of the same module.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// Already bound, one per address of `spec.listen`.
-    pub listeners: Vec<std::net::TcpListener>,
+    pub(crate) listeners: Vec<std::net::TcpListener>,
     /// The module's serial port, already open.
-    pub tty: Tty,
-    pub transport: Transport,
+    pub(crate) tty: Tty,
+    pub(crate) transport: Transport,
     /// The relay's own token is a child of this one.
-    pub parent: CancellationToken,
+    pub(crate) parent: CancellationToken,
     /// The relay task is spawned on this tracker.
-    pub tracker: TaskTracker,
+    pub(crate) tracker: TaskTracker,
     /// Where the relay says how it ended.
-    pub exits: mpsc::Sender<RelayExit>,
-    pub announcer: Option<Announcer>,
+    pub(crate) exits: mpsc::Sender<RelayExit>,
+    pub(crate) announcer: Option<Announcer>,
 }
 
 /// Starts a relay on already-bound listeners and an open serial port.
@@ -518,7 +518,7 @@ fn announce(announcer: &Option<Announcer>, spec: &RelaySpec, port: u16, stats: &
 }
 
 /// The address clients use to reach a listener, for logs.
-pub fn display_addr(addr: &IpAddr, port: u16) -> String {
+pub(crate) fn display_addr(addr: &IpAddr, port: u16) -> String {
     SocketAddr::new(*addr, port).to_string()
 }
 

@@ -20,11 +20,11 @@ use super::metrics::Scan;
 use crate::protocol::{Answer, MAX_ANSWER_LEN};
 
 /// When the relay is stopped during an exchange, how much longer the answer is waited for.
-pub const STOP_GRACE: Duration = Duration::from_millis(100);
+pub(crate) const STOP_GRACE: Duration = Duration::from_millis(100);
 
 /// What came back for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exchanged {
+pub(crate) enum Exchanged {
     /// One answer frame, exactly as the module sent it.
     Answer(Vec<u8>),
     /// No complete answer within the timeout (`partial` bytes of one had arrived).
@@ -33,7 +33,7 @@ pub enum Exchanged {
 
 /// Reads and drops whatever the port holds right now, without waiting. Returns the number of
 /// bytes dropped; `Err` when the port failed or hung up.
-pub fn discard_pending<D: AsyncRead + Unpin + ?Sized>(dev: &mut D) -> io::Result<usize> {
+pub(crate) fn discard_pending<D: AsyncRead + Unpin + ?Sized>(dev: &mut D) -> io::Result<usize> {
     let mut cx = Context::from_waker(Waker::noop());
     let mut chunk = [0u8; MAX_ANSWER_LEN];
     let mut dropped = 0;
@@ -55,7 +55,7 @@ pub fn discard_pending<D: AsyncRead + Unpin + ?Sized>(dev: &mut D) -> io::Result
 
 /// The most time a relay spends dropping answers owed to a departed client (one that wrote
 /// thousands of requests and never read takes a while to be answered).
-pub const SETTLE_MAX: Duration = Duration::from_secs(5);
+pub(crate) const SETTLE_MAX: Duration = Duration::from_secs(5);
 
 /// Drops what the module still sends for a client that left with `owed` requests unanswered:
 /// reads and discards until that many answer frames have come (`scan` goes on from where the
@@ -64,7 +64,7 @@ pub const SETTLE_MAX: Duration = Duration::from_secs(5);
 /// all), for at most `limit`. A slow answer (a flash write) is waited for, not left to the
 /// next client. Returns the bytes dropped and whether the owed answers came or the module fell
 /// silent (false: `limit` ended it); `Err` when the port failed or hung up.
-pub async fn settle<D: AsyncRead + Unpin + ?Sized>(
+pub(crate) async fn settle<D: AsyncRead + Unpin + ?Sized>(
     dev: &mut D,
     scan: &mut Scan,
     owed: u64,
@@ -101,7 +101,7 @@ pub async fn settle<D: AsyncRead + Unpin + ?Sized>(
 /// Sends `request` (one whole frame) and waits up to `timeout` for one answer frame: up to
 /// [`STOP_GRACE`] once `stop` is cancelled, not at all once `unplugged` is (the device is gone:
 /// nobody will open it after us). `Err` only when the port fails: the module is gone.
-pub async fn exchange<D>(
+pub(crate) async fn exchange<D>(
     dev: &mut D,
     request: &[u8],
     timeout: Duration,

@@ -18,7 +18,7 @@ use super::metrics::{Metrics, Scan, Side};
 
 /// How a session ended.
 #[derive(Debug)]
-pub enum SessionEnd {
+pub(crate) enum SessionEnd {
     /// The client closed its side.
     ClientClosed,
     /// The client's connection failed (reset, broken pipe, TLS error).
@@ -35,27 +35,27 @@ pub enum SessionEnd {
 
 /// Byte counters of a relay, updated by the pump.
 #[derive(Debug, Default)]
-pub struct Traffic {
+pub(crate) struct Traffic {
     /// Client → module.
-    pub bytes_up: AtomicU64,
+    pub(crate) bytes_up: AtomicU64,
     /// Module → client.
-    pub bytes_down: AtomicU64,
+    pub(crate) bytes_down: AtomicU64,
     /// The current client has half-closed: it sends no more requests, so it no longer holds
     /// the module against a new client.
-    pub half_closed: AtomicBool,
+    pub(crate) half_closed: AtomicBool,
 }
 
 /// After a client half-closes (EOF on its side, as `printf … | socat - TCP:…` does), answers still
 /// on their way are delivered until the module has been quiet this long: the module's own answer
 /// timeout (about 1 s per the protocol), so the last request's answer is never lost.
-pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(1);
+const HALF_CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 fn eof(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, what.to_string())
 }
 
 /// Pumps bytes between `client` and `device` until one side ends.
-pub async fn pump<C, D>(
+pub(crate) async fn pump<C, D>(
     client: &mut C,
     device: &mut D,
     buffer_bytes: usize,

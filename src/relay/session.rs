@@ -20,7 +20,7 @@ use crate::config::ClientPolicy;
 const DRAIN_BUFFER: usize = 256;
 
 /// What happened to a session, for the relay's idle loop.
-pub(crate) enum SessionOutcome {
+enum SessionOutcome {
     /// The client left: wait for the next one.
     Idle,
     /// A newer client takes over (kick-old): serve it now.

@@ -26,25 +26,25 @@ const CLIENT_READ_CHUNK: usize = 512;
 
 /// One request on its way to the module, with where its answer goes.
 #[derive(Debug)]
-pub struct Ask {
-    pub frame: Vec<u8>,
-    pub reply: oneshot::Sender<Exchanged>,
+pub(crate) struct Ask {
+    pub(crate) frame: Vec<u8>,
+    pub(crate) reply: oneshot::Sender<Exchanged>,
     /// Asked by lucidgate itself (a GetId retry), not by a client: not counted as a request.
-    pub internal: bool,
+    pub(crate) internal: bool,
 }
 
 /// Who a client is and what it may do.
-pub struct ClientCtx<'a> {
+pub(crate) struct ClientCtx<'a> {
     /// Address and certificate name, for logs.
-    pub who: &'a str,
-    pub read_only: bool,
-    pub idle_timeout: Option<Duration>,
-    pub metrics: &'a Metrics,
-    pub traffic: &'a Traffic,
+    pub(crate) who: &'a str,
+    pub(crate) read_only: bool,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) metrics: &'a Metrics,
+    pub(crate) traffic: &'a Traffic,
 }
 
 /// Serves one client frame by frame until it leaves, sending its requests into `asks`.
-pub async fn serve_client<S>(
+pub(crate) async fn serve_client<S>(
     stream: &mut S,
     ctx: &ClientCtx<'_>,
     asks: mpsc::Sender<Ask>,
@@ -147,7 +147,7 @@ where
 /// until `stop` is cancelled or every sender is gone. An exchange in flight is finished first
 /// (see [`super::module::STOP_GRACE`]).
 /// Between requests the port is read so a hang-up is seen at once. `Err`: the module is gone.
-pub async fn serve_module<D>(
+pub(crate) async fn serve_module<D>(
     dev: &mut D,
     asks: &mut mpsc::Receiver<Ask>,
     stop: &CancellationToken,
@@ -208,7 +208,7 @@ where
 
 /// One client, served frame by frame on a module nobody else uses (a read-only client under
 /// the exclusive or kick-old policy).
-pub async fn serve_alone<S, D>(
+pub(crate) async fn serve_alone<S, D>(
     stream: &mut S,
     dev: &mut D,
     ctx: &ClientCtx<'_>,

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// An open serial port (or pty), non-blocking, registered for reading.
 #[derive(Debug)]
-pub struct Tty {
+pub(crate) struct Tty {
     fd: AsyncFd<OwnedFd>,
     /// A dup of the fd registered for writability, only while writes would block.
     write_wait: Option<AsyncFd<OwnedFd>>,
@@ -33,7 +33,7 @@ pub struct Tty {
 }
 
 /// After this many writes in a row that did not block, the writability registration goes.
-pub const KEEP_WRITE_WAIT: u32 = 16;
+const KEEP_WRITE_WAIT: u32 = 16;
 
 fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open (and its number) until
@@ -43,7 +43,7 @@ fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
 
 impl Tty {
     /// Opens `devnode` exclusively: raw, 8N1, no flow control, at `baud`.
-    pub fn open(devnode: &std::path::Path, baud: u32) -> Result<Tty> {
+    pub(crate) fn open(devnode: &std::path::Path, baud: u32) -> Result<Tty> {
         let port = tokio_serial::new(devnode.to_string_lossy(), baud)
             .data_bits(tokio_serial::DataBits::Eight)
             .parity(tokio_serial::Parity::None)
@@ -69,7 +69,7 @@ impl Tty {
     }
 
     /// Wraps an open tty descriptor (made non-blocking here).
-    pub fn from_fd(fd: OwnedFd) -> io::Result<Tty> {
+    fn from_fd(fd: OwnedFd) -> io::Result<Tty> {
         let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFL)?;
         fcntl(
             fd.as_fd(),

@@ -36,7 +36,7 @@ use crate::transport::tls::{TlsAccept, TlsState};
 use sticks::Sticks;
 
 /// How often configured `[[device]]` paths are checked for appearing and vanishing.
-pub const STATIC_DEVICE_POLL: Duration = Duration::from_millis(250);
+const STATIC_DEVICE_POLL: Duration = Duration::from_millis(250);
 /// Prefix of the syspath-like key of static devices.
 const STATIC_PREFIX: &str = "config:";
 
@@ -58,27 +58,27 @@ struct Failure {
 }
 
 /// The supervisor's side of the PKI task: what relays hand out, and how to poke the task.
-pub struct PkiHandle {
-    pub tls: Arc<TlsState>,
+pub(crate) struct PkiHandle {
+    pub(crate) tls: Arc<TlsState>,
     /// Wakes the PKI task to re-read `state_dir/pki`.
-    pub reload: Arc<Notify>,
+    pub(crate) reload: Arc<Notify>,
     /// The `[tls]` settings the task works with (changed by a reload).
-    pub settings: watch::Sender<PkiSettings>,
+    pub(crate) settings: watch::Sender<PkiSettings>,
 }
 
 /// Where the config comes from, so a reload can read it again.
 #[derive(Debug, Clone, Default)]
-pub struct ConfigSource {
+pub(crate) struct ConfigSource {
     /// `None`: built-in defaults only.
-    pub path: Option<PathBuf>,
+    pub(crate) path: Option<PathBuf>,
     /// The file was named explicitly (`--config`) and must exist.
-    pub required: bool,
+    pub(crate) required: bool,
     /// Devices added on the command line (`serve --demo`), kept across reloads.
-    pub extra_devices: Vec<StaticDevice>,
+    pub(crate) extra_devices: Vec<StaticDevice>,
 }
 
 impl ConfigSource {
-    pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
+    pub(crate) fn load(&self) -> Result<Config, crate::config::ConfigError> {
         let mut c = match &self.path {
             Some(p) => Config::load(p, self.required)?,
             None => Config::default(),
@@ -89,7 +89,7 @@ impl ConfigSource {
 }
 
 /// The module table and everything that changes it.
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     config: Arc<Config>,
     matcher: Matcher,
     registry: Registry,
@@ -116,7 +116,7 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(
+    pub(crate) fn new(
         config: Arc<Config>,
         registry: Registry,
         cancel: CancellationToken,
@@ -147,12 +147,12 @@ impl Supervisor {
     }
 
     /// Announces relays by mDNS from now on.
-    pub fn set_announcer(&mut self, announcer: Option<crate::discovery::Announcer>) {
+    pub(crate) fn set_announcer(&mut self, announcer: Option<crate::discovery::Announcer>) {
         self.announcer = announcer;
     }
 
     /// The clock provisioning issues certificates by (the PKI task's).
-    pub fn set_clock(&mut self, clock: SharedClock) {
+    pub(crate) fn set_clock(&mut self, clock: SharedClock) {
         self.sticks.set_clock(clock);
     }
 

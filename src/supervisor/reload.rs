@@ -6,7 +6,7 @@ use tracing::{error, info, warn};
 
 use super::Supervisor;
 use crate::ca::PkiSettings;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::device::Matcher;
 use crate::systemd::Lifecycle;
 use std::path::PathBuf;
@@ -14,16 +14,16 @@ use std::sync::Arc;
 
 /// What a reload runs with.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ReloadPlan {
+struct ReloadPlan {
     /// The new configuration, with the settings that wait for a restart kept at their running
     /// values.
-    pub config: Config,
+    pub(crate) config: Config,
     /// Changes that take effect only after a restart, in the operator's words.
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// What reloading from `old` to `new` does. Pure: no I/O, no clock.
-pub(crate) fn plan(old: &Config, mut new: Config) -> ReloadPlan {
+fn plan(old: &Config, mut new: Config) -> ReloadPlan {
     let mut notes = Vec::new();
     let later = |what: &str| format!("{what} changes take effect after a restart");
     if new.state_dir != old.state_dir {
@@ -60,7 +60,10 @@ pub(crate) fn plan(old: &Config, mut new: Config) -> ReloadPlan {
 impl Supervisor {
     /// Re-reads the config; a bad one is refused whole and the running one stays. Relays whose
     /// settings did not change keep their clients; changed ones restart; removed ones stop.
-    pub async fn reload(&mut self, lifecycle: &mut dyn Lifecycle) -> Result<String, String> {
+    pub(crate) async fn reload(
+        &mut self,
+        lifecycle: &mut dyn Lifecycle,
+    ) -> Result<String, ConfigError> {
         lifecycle.reloading();
         info!(event = "reload", "reloading the configuration");
         let new = match self.source.load() {
@@ -71,7 +74,7 @@ impl Supervisor {
                     "reload refused, the running configuration stays in force: {e}"
                 );
                 lifecycle.ready(&self.summary());
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         let ReloadPlan { config: new, notes } = plan(&self.config, new);

@@ -6,7 +6,7 @@ use crate::status::{ModuleStatus, StatusReport};
 
 impl Supervisor {
     /// The status of every present module.
-    pub fn status(&self) -> StatusReport {
+    pub(crate) fn status(&self) -> StatusReport {
         let (_, not) = self.desired();
         let mut modules = Vec::new();
         for (key, info) in &self.devices {

@@ -15,7 +15,7 @@ use crate::device::{Action, DeviceEvent};
 
 /// Provisioning sticks waiting or in progress at once; more are skipped with a log line (the
 /// operator replugs them).
-pub const MAX_STICKS_PENDING: usize = 4;
+const MAX_STICKS_PENDING: usize = 4;
 
 /// USB sticks seen for provisioning (by syspath, until removed) and the runs' outcomes.
 pub(super) struct Sticks {

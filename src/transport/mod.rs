@@ -5,8 +5,8 @@
 //! slots in as another variant, so the relay's pump and client policy never know which one
 //! they talk to.
 
-pub mod pki_task;
-pub mod tls;
+pub(crate) mod pki_task;
+pub(crate) mod tls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,21 +15,20 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::config::TransportKind;
 use tls::TlsAccept;
 
 /// A connected client's byte stream, whatever the transport.
-pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
 
 /// A client that passed the transport's checks.
-pub struct Accepted {
-    pub stream: Box<dyn ClientStream>,
-    pub peer: SocketAddr,
+pub(crate) struct Accepted {
+    pub(crate) stream: Box<dyn ClientStream>,
+    pub(crate) peer: SocketAddr,
     /// The client's name (certificate subject) where the transport authenticates clients.
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// The client's certificate grants reading only.
-    pub read_only: bool,
+    pub(crate) read_only: bool,
 }
 
 impl std::fmt::Debug for Accepted {
@@ -43,7 +42,7 @@ impl std::fmt::Debug for Accepted {
 
 /// Why a connection was not accepted.
 #[derive(Debug, thiserror::Error)]
-pub enum TransportError {
+pub(crate) enum TransportError {
     #[error("handshake with {peer} did not finish within {timeout:?}")]
     Timeout { peer: SocketAddr, timeout: Duration },
     #[error("handshake with {peer} failed: {source}")]
@@ -59,7 +58,7 @@ pub enum TransportError {
 
 impl TransportError {
     /// The client name (certificate subject) involved, if known.
-    pub fn client_name(&self) -> Option<&str> {
+    pub(crate) fn client_name(&self) -> Option<&str> {
         match self {
             TransportError::Refused { name, .. } => name.as_deref(),
             _ => None,
@@ -69,7 +68,7 @@ impl TransportError {
 
 /// How a relay talks to its clients.
 #[derive(Clone, Debug)]
-pub enum Transport {
+pub(crate) enum Transport {
     /// Raw bytes over TCP.
     Plain,
     /// TLS (with or without client certificates), see [`tls`].
@@ -77,16 +76,8 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn kind(&self) -> TransportKind {
-        match self {
-            Transport::Plain => TransportKind::Plain,
-            Transport::Tls(t) if t.mutual => TransportKind::Mtls,
-            Transport::Tls(_) => TransportKind::Tls,
-        }
-    }
-
     /// Completes the transport's handshake on a fresh connection, within `timeout`.
-    pub async fn accept(
+    pub(crate) async fn accept(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,

@@ -18,9 +18,9 @@ use crate::ca::{Pki, PkiSettings};
 use crate::clock::SharedClock;
 
 /// How often the PKI looks at the device's addresses (a changed address gets a new server cert).
-pub const PKI_ADDRESS_CHECK: Duration = Duration::from_secs(60);
+const PKI_ADDRESS_CHECK: Duration = Duration::from_secs(60);
 /// Pause before retrying a PKI refresh that failed (e.g. the clock is not set yet).
-pub const PKI_RETRY: Duration = Duration::from_secs(10);
+const PKI_RETRY: Duration = Duration::from_secs(10);
 /// Shortest pause between PKI refreshes.
 const PKI_MIN_WAIT: Duration = Duration::from_millis(100);
 

@@ -25,7 +25,7 @@ use crate::ca::{Material, rights};
 use crate::clock::{RustlsTime, SharedClock};
 
 /// The TLS state every relay shares.
-pub struct TlsState {
+pub(crate) struct TlsState {
     /// Mutual TLS: client certificates required.
     mutual: ArcSwapOption<ServerConfig>,
     /// Server authentication only.
@@ -52,7 +52,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 impl TlsState {
-    pub fn new(clock: SharedClock, max_handshakes: usize) -> Arc<TlsState> {
+    pub(crate) fn new(clock: SharedClock, max_handshakes: usize) -> Arc<TlsState> {
         Arc::new(TlsState {
             mutual: ArcSwapOption::empty(),
             server_only: ArcSwapOption::empty(),
@@ -65,7 +65,7 @@ impl TlsState {
     }
 
     /// Builds configs from `m` and makes them current for new handshakes.
-    pub fn publish(&self, m: &Material) -> Result<()> {
+    pub(crate) fn publish(&self, m: &Material) -> Result<()> {
         let mut roots = rustls::RootCertStore::empty();
         for r in &m.roots {
             roots
@@ -98,12 +98,12 @@ impl TlsState {
     }
 
     /// Records why TLS cannot be offered (only matters while no config was ever published).
-    pub fn set_unavailable(&self, why: String) {
+    pub(crate) fn set_unavailable(&self, why: String) {
         self.unavailable.store(Arc::new(why));
     }
 
     /// `None` when TLS can be offered, else why not.
-    pub fn not_ready(&self) -> Option<String> {
+    pub(crate) fn not_ready(&self) -> Option<String> {
         if self.mutual.load().is_some() {
             None
         } else {
@@ -111,7 +111,7 @@ impl TlsState {
         }
     }
 
-    pub fn server_serial(&self) -> String {
+    pub(crate) fn server_serial(&self) -> String {
         self.server_serial.load().to_string()
     }
 }
@@ -182,18 +182,18 @@ impl ClientCertVerifier for NamingVerifier {
 /// The TLS side of one relay: which module, whether client certificates are required, and
 /// who may use it.
 #[derive(Clone, Debug)]
-pub struct TlsAccept {
-    pub state: Arc<TlsState>,
-    pub mutual: bool,
+pub(crate) struct TlsAccept {
+    pub(crate) state: Arc<TlsState>,
+    pub(crate) mutual: bool,
     /// The module this relay serves (checked against the client's rights).
-    pub module: String,
+    pub(crate) module: String,
     /// `[modules."SERIAL"] allow`: when set, only these client names (and it overrides the
     /// rights in the certificate).
-    pub allow: Option<Vec<String>>,
+    pub(crate) allow: Option<Vec<String>>,
 }
 
 impl TlsAccept {
-    pub async fn accept(
+    pub(crate) async fn accept(
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
@@ -245,7 +245,7 @@ impl TlsAccept {
         let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
             return Err(refused("no client certificate".into(), None));
         };
-        let id = rights::client_identity(cert).map_err(|e| refused(e, None))?;
+        let id = rights::client_identity(cert).map_err(|e| refused(e.to_string(), None))?;
         if self.state.revoked.load().contains(&id.serial) {
             return Err(refused(
                 format!("certificate {} is revoked", id.serial),
