@@ -49,5 +49,5 @@ FILES:${PN} += "${systemd_system_unitdir}/lucidgate.service \
 # its control socket; dialout (given by the unit) the ttys.
 USERADD_PACKAGES = "${PN}"
 GROUPADD_PARAM:${PN} = "--system lucidgate"
-USERADD_PARAM:${PN} = "--system --gid lucidgate --home-dir /var/lib/lucidgate --no-create-home --shell /sbin/nologin lucidgate"
+USERADD_PARAM:${PN} = "--system --gid lucidgate --home-dir ${localstatedir}/lib/lucidgate --no-create-home --shell ${base_sbindir}/nologin lucidgate"
 RRECOMMENDS:${PN} += "kernel-module-cdc-acm kernel-module-sd-mod"
