@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -98,7 +98,8 @@ pub(crate) async fn serve(
 
     let clock: SharedClock = Arc::new(SystemClock::from_env());
     let tls = TlsState::new(clock.clone(), config.limits.max_handshakes);
-    let pki_reload = Arc::new(Notify::new());
+    // Without TLS there is no PKI task: the receiver is dropped and requests are answered at once.
+    let (pki_reload, pki_reload_rx) = mpsc::unbounded_channel();
     let (pki_settings, pki_settings_rx) = watch::channel(PkiSettings::from_config(&config));
     if config.uses_tls() {
         let settings = PkiSettings::from_config(&config);
@@ -114,7 +115,7 @@ pub(crate) async fn serve(
             pki_settings_rx,
             clock.clone(),
             tls.clone(),
-            pki_reload.clone(),
+            pki_reload_rx,
             cancel.clone(),
             &tracker,
         );

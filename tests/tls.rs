@@ -185,6 +185,12 @@ fn every_refusal_case_is_refused_logged_and_leaves_allowed_clients_alone() {
     let o = d.cli(&["cert", "revoke", "gone"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("re-read the PKI"));
+    // In force when the command returns (the daemon answers once the PKI task has re-read it;
+    // it used to answer when it had only asked, and a quick client still got in).
+    assert!(
+        socat_tls(port, &revoked, "gone", &GET_ID).is_empty(),
+        "a revoked client was served right after `cert revoke` returned"
+    );
 
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
         ("no client certificate", vec![], "no certificates"),

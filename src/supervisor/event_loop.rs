@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::{STATIC_DEVICE_POLL, Supervisor};
@@ -67,7 +67,21 @@ impl Supervisor {
                         Command::Status => Reply::Status(Box::new(self.status())),
                         Command::ReloadPki => {
                             // `provision` may have installed an operator PKI: settings first.
-                            self.refresh_pki_settings();
+                            // The answer waits for the PKI task (not this loop): the CLI says
+                            // "re-read" only once the new material is in use.
+                            let (ack, done) = oneshot::channel();
+                            if self.refresh_pki_settings(Some(ack)).is_ok() {
+                                let reply = req.reply;
+                                self.tracker.spawn(async move {
+                                    let _ = reply.send(match done.await {
+                                        Ok(Ok(())) => Reply::Ok,
+                                        Ok(Err(e)) => Reply::Refused(format!("re-reading the PKI failed: {e}")),
+                                        Err(_) => Reply::Refused("daemon is shutting down".into()),
+                                    });
+                                });
+                                continue;
+                            }
+                            // TLS is off: there is no PKI in use to re-read.
                             Reply::Ok
                         }
                         Command::Reload => match self.reload(lifecycle).await {

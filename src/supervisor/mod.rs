@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -32,6 +32,7 @@ use crate::device::{Action, DeviceEvent, Matcher, ModuleInfo, SerialSource};
 use crate::ports::{PortSource, Registry};
 use crate::relay::{self, ExitReason, RelayExit, RelayHandle, RelayParts, RelaySpec};
 use crate::transport::Transport;
+use crate::transport::pki_task::PkiReload;
 use crate::transport::tls::{TlsAccept, TlsState};
 use sticks::Sticks;
 
@@ -60,8 +61,8 @@ struct Failure {
 /// The supervisor's side of the PKI task: what relays hand out, and how to poke the task.
 pub(crate) struct PkiHandle {
     pub(crate) tls: Arc<TlsState>,
-    /// Wakes the PKI task to re-read `state_dir/pki`.
-    pub(crate) reload: Arc<Notify>,
+    /// Asks the PKI task to re-read `state_dir/pki` (closed when TLS is off: no task).
+    pub(crate) reload: mpsc::UnboundedSender<PkiReload>,
     /// The `[tls]` settings the task works with (changed by a reload).
     pub(crate) settings: watch::Sender<PkiSettings>,
 }
@@ -157,7 +158,8 @@ impl Supervisor {
     }
 
     /// Re-reads the PKI, with settings that see an operator PKI installed meanwhile.
-    fn refresh_pki_settings(&mut self) {
+    /// `ack` hears when the PKI task has re-read it (`Err` of the send: no task, TLS is off).
+    fn refresh_pki_settings(&mut self, ack: PkiReload) -> Result<(), ()> {
         let pki = PkiSettings::from_config(&self.config);
         if *self.pki.settings.borrow() != pki {
             info!(
@@ -166,7 +168,7 @@ impl Supervisor {
             );
             self.pki.settings.send_replace(pki);
         }
-        self.pki.reload.notify_one();
+        self.pki.reload.send(ack).map_err(|_| ())
     }
 
     fn on_device(&mut self, ev: DeviceEvent) {

@@ -81,7 +81,7 @@ impl Supervisor {
         let pki = PkiSettings::from_config(&new);
         if *self.pki.settings.borrow() != pki {
             self.pki.settings.send_replace(pki);
-            self.pki.reload.notify_one();
+            let _ = self.pki.reload.send(None);
         }
         self.config = Arc::new(new);
         self.matcher = Matcher::new(&self.config.effective_match_rules());

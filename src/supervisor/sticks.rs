@@ -160,7 +160,7 @@ impl Supervisor {
             Some(s) => {
                 self.sticks.seen.insert(syspath, StickState::Done);
                 if s == crate::provision::Status::Done {
-                    self.refresh_pki_settings();
+                    let _ = self.refresh_pki_settings(None);
                 }
             }
             None => {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
@@ -57,6 +57,11 @@ pub(crate) fn refresh_pki(
     }
 }
 
+/// A request to re-read the PKI now; the sender, if any, hears when the new material is in use
+/// (or why the refresh failed), so `lucidgate cert revoke` returns only once the revocation
+/// is in force.
+pub(crate) type PkiReload = Option<oneshot::Sender<Result<(), String>>>;
+
 /// The PKI task: renews the server certificate, follows address changes and CA overlaps, and
 /// re-reads the PKI when `lucidgate cert ...` asks for it.
 pub(crate) fn spawn_pki_task(
@@ -64,16 +69,25 @@ pub(crate) fn spawn_pki_task(
     settings: watch::Receiver<PkiSettings>,
     clock: SharedClock,
     tls: Arc<TlsState>,
-    reload: Arc<Notify>,
+    mut reload: mpsc::UnboundedReceiver<PkiReload>,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) {
     tracker.spawn(async move {
         let mut wait = Duration::ZERO;
         loop {
+            let mut waiting = Vec::new();
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = reload.notified() => info!(event = "pki-reload", "re-reading the PKI"),
+                asked = reload.recv() => {
+                    let Some(ack) = asked else { return };
+                    info!(event = "pki-reload", "re-reading the PKI");
+                    // Requests that came meanwhile are answered by the same refresh.
+                    waiting.extend(ack);
+                    while let Ok(more) = reload.try_recv() {
+                        waiting.extend(more);
+                    }
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
             let (d, s, c, t) = (
@@ -83,6 +97,14 @@ pub(crate) fn spawn_pki_task(
                 tls.clone(),
             );
             let r = tokio::task::spawn_blocking(move || refresh_pki(&d, &s, &c, &t)).await;
+            let outcome = match &r {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(e) => Err(format!("the PKI task failed: {e}")),
+            };
+            for ack in waiting {
+                let _ = ack.send(outcome.clone());
+            }
             wait = match r {
                 Ok(Ok(w)) => w,
                 Ok(Err(e)) => {
