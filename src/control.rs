@@ -80,7 +80,14 @@ impl Reply {
 /// A request handed to the supervisor, with where to send the answer.
 pub(crate) struct Request {
     pub(crate) command: Command,
-    pub(crate) reply: oneshot::Sender<Reply>,
+    pub(crate) reply: oneshot::Sender<Answer>,
+}
+
+/// The supervisor's answer: a reply now, or one that comes when the PKI task has re-read the
+/// PKI (the client's task waits for it, not the supervisor).
+pub(crate) enum Answer {
+    Now(Reply),
+    AfterPkiRefresh(oneshot::Receiver<Result<(), String>>),
 }
 
 /// The bound control socket: its listener and its file. The file lives as long as the
@@ -174,7 +181,15 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<Request>, _permit: OwnedSem
                 if tx.send(Request { command, reply }).await.is_err() {
                     shutting_down()
                 } else {
-                    rx.await.unwrap_or_else(|_| shutting_down())
+                    match rx.await {
+                        Ok(Answer::Now(reply)) => reply,
+                        Ok(Answer::AfterPkiRefresh(done)) => match done.await {
+                            Ok(Ok(())) => Reply::Ok,
+                            Ok(Err(e)) => Reply::Refused(format!("re-reading the PKI failed: {e}")),
+                            Err(_) => shutting_down(),
+                        },
+                        Err(_) => shutting_down(),
+                    }
                 }
             }
         },

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::accept::{self, ConnectionLimit};
-use crate::control::{Command, Reply, Request};
+use crate::control::{Answer, Command, Reply, Request};
 use crate::status::{ModuleStatus, StatusReport};
 
 /// Largest request head read (a scraper sends a few hundred bytes).
@@ -104,7 +104,7 @@ async fn handle(mut stream: TcpStream, tx: mpsc::Sender<Request>, _permit: Owned
         .is_ok()
     {
         match rx.await {
-            Ok(Reply::Status(report)) => Some(*report),
+            Ok(Answer::Now(Reply::Status(report))) => Some(*report),
             _ => None,
         }
     } else {

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::{STATIC_DEVICE_POLL, Supervisor};
-use crate::control::{self, Command, Reply};
+use crate::control::{self, Answer, Command, Reply};
 use crate::device::watch::WatchMsg;
 use crate::systemd::Lifecycle;
 
@@ -64,30 +64,22 @@ impl Supervisor {
                 }
                 Some(req) = control_rx.recv() => {
                     let answer = match req.command {
-                        Command::Status => Reply::Status(Box::new(self.status())),
+                        Command::Status => Answer::Now(Reply::Status(Box::new(self.status()))),
                         Command::ReloadPki => {
                             // `provision` may have installed an operator PKI: settings first.
-                            // The answer waits for the PKI task (not this loop): the CLI says
-                            // "re-read" only once the new material is in use.
+                            // The client hears back once the PKI task has re-read it, so the
+                            // CLI says "re-read" only once the new material is in use.
                             let (ack, done) = oneshot::channel();
-                            if self.refresh_pki_settings(Some(ack)).is_ok() {
-                                let reply = req.reply;
-                                self.tracker.spawn(async move {
-                                    let _ = reply.send(match done.await {
-                                        Ok(Ok(())) => Reply::Ok,
-                                        Ok(Err(e)) => Reply::Refused(format!("re-reading the PKI failed: {e}")),
-                                        Err(_) => Reply::Refused("daemon is shutting down".into()),
-                                    });
-                                });
-                                continue;
+                            match self.refresh_pki_settings(Some(ack)) {
+                                Ok(()) => Answer::AfterPkiRefresh(done),
+                                // TLS is off: there is no PKI in use to re-read.
+                                Err(()) => Answer::Now(Reply::Ok),
                             }
-                            // TLS is off: there is no PKI in use to re-read.
-                            Reply::Ok
                         }
-                        Command::Reload => match self.reload(lifecycle).await {
+                        Command::Reload => Answer::Now(match self.reload(lifecycle).await {
                             Ok(summary) => Reply::Reloaded(summary),
                             Err(e) => Reply::Refused(format!("reload refused: {e}")),
-                        },
+                        }),
                     };
                     let _ = req.reply.send(answer);
                     continue;
