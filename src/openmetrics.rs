@@ -205,6 +205,12 @@ fn render(s: &StatusReport) -> String {
         each(&|m| m.refused),
     );
     family(
+        "refused_address",
+        "counter",
+        "Connections refused by allow_from, before any handshake.",
+        each(&|m| m.refused_address),
+    );
+    family(
         "requests",
         "counter",
         "Request frames sent to the module.",

@@ -23,6 +23,9 @@ pub struct ModuleStatus {
     pub error: Option<String>,
     pub sessions: u64,
     pub refused: u64,
+    /// Connections turned away by `allow_from` (before any handshake).
+    #[serde(default)]
+    pub refused_address: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
     /// GetId at relay start: `pending`, `ok`, `mismatch` or `failed` (empty when not served).

@@ -408,5 +408,8 @@ fn the_attach_template_passes_verify_and_its_example_config_is_valid() {
     let parsed: lucidgate::attach::AttachFile =
         lucidgate::config::parse_toml(&example, "attach.toml.example").unwrap();
     assert_eq!(parsed.port.len(), 1);
-    assert_eq!(parsed.port[0].link, std::path::Path::new("/dev/lio0"));
+    assert_eq!(
+        parsed.port[0].link.as_deref(),
+        Some(std::path::Path::new("/dev/lio0"))
+    );
 }

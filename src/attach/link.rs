@@ -55,14 +55,14 @@ fn resolve_group(g: &str) -> Result<nix::unistd::Gid> {
 }
 
 /// The pty and its async master.
-pub(crate) struct LocalPort {
+pub(crate) struct PtyPort {
     master: AsyncFd<OwnedFd>,
     pty: Pty,
 }
 
-impl LocalPort {
+impl PtyPort {
     /// Opens a raw pty, applies `own` to its slave and links `link` to it.
-    pub(crate) fn open(link: &Path, own: &Ownership) -> Result<LocalPort> {
+    pub(crate) fn open(link: &Path, own: &Ownership) -> Result<PtyPort> {
         let mut pty = Pty::open()?;
         let slave = pty.slave_path.clone();
         if own.user.is_some() || own.group.is_some() {
@@ -94,7 +94,7 @@ impl LocalPort {
         let master = unsafe { AsyncFd::register(master) }
             .map_err(|e| e.into_parts().1)
             .context("registering the pty with the runtime")?;
-        Ok(LocalPort { master, pty })
+        Ok(PtyPort { master, pty })
     }
 
     /// The pty's own name (`/dev/pts/N`).

@@ -1,18 +1,22 @@
 //! `lucidgate attach`: the client side. A local virtual serial port (a pty behind a fixed
-//! symlink such as `/dev/lio0`) connected to a module served by `lucidgate serve`, over TLS
-//! with a client certificate by default, that reconnects by itself and never goes away while
-//! the process runs.
+//! symlink such as `/dev/lio0`) or a local TCP endpoint (`--listen 127.0.0.1:PORT`) connected
+//! to a module served by `lucidgate serve`, over TLS with a client certificate by default, that
+//! reconnects by itself and never goes away while the process runs.
 //!
-//! [`link`] owns the pty, [`connect`] the way to the server, [`session`] the reconnect loop and
-//! what happens to bytes written while disconnected. This module reads the attach config
-//! (`[[port]]` entries, one process for several modules) and runs one session per port.
+//! [`link`] owns the pty, [`listen`] the local TCP endpoint, [`local`] is either, [`connect`]
+//! the way to the server, [`session`] the reconnect loop and what happens to bytes written
+//! while disconnected. This module reads the attach config (`[[port]]` entries, one process for
+//! several modules) and runs one session per port.
 
 mod connect;
 mod link;
+mod listen;
+mod local;
 mod session;
 
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, PortsConfig};
 use connect::{Connector, Target, TlsFiles};
-use link::{LocalPort, Ownership};
+use link::{Ownership, PtyPort};
+use listen::TcpPort;
+use local::LocalPort;
 use session::{Limits, Session};
 
 /// Largest attach config read.
@@ -75,8 +81,12 @@ pub(crate) struct PortOptions {
 pub struct PortEntry {
     /// `HOST:PORT`, `SERIAL@HOST[:PORT]` or `SERIAL` (found by mDNS).
     pub(crate) target: String,
-    /// The symlink programs open, e.g. /dev/lio0.
-    pub link: PathBuf,
+    /// The symlink programs open, e.g. /dev/lio0 ...
+    pub link: Option<PathBuf>,
+    /// ... or a local TCP address programs connect to, e.g. 127.0.0.1:4001 (loopback unless
+    /// `listen_any`).
+    pub(crate) listen: Option<SocketAddr>,
+    pub(crate) listen_any: Option<bool>,
     pub(crate) ca: Option<PathBuf>,
     pub(crate) cert: Option<PathBuf>,
     pub(crate) key: Option<PathBuf>,
@@ -140,11 +150,60 @@ impl PortOptions {
     }
 }
 
+/// Where programs on this machine reach an attached module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Local {
+    /// A pty behind this symlink (`--link`).
+    Link(PathBuf),
+    /// A TCP endpoint (`--listen`); checked to be loopback unless `--listen-any`.
+    Listen(SocketAddr),
+}
+
+impl std::fmt::Display for Local {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Local::Link(p) => write!(f, "{}", p.display()),
+            Local::Listen(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+impl Local {
+    /// The local end named by a `link` and a `listen` (exactly one of them).
+    pub(crate) fn of(
+        link: Option<&Path>,
+        listen: Option<SocketAddr>,
+        listen_any: bool,
+    ) -> Result<Local> {
+        match (link, listen) {
+            (Some(l), None) => {
+                if !l.is_absolute() {
+                    anyhow::bail!(
+                        "link {} is not an absolute path (e.g. /dev/lio0)",
+                        l.display()
+                    );
+                }
+                Ok(Local::Link(l.to_path_buf()))
+            }
+            (None, Some(a)) => {
+                listen::check_listen(a, listen_any).map_err(anyhow::Error::msg)?;
+                Ok(Local::Listen(a))
+            }
+            (Some(_), Some(_)) => {
+                anyhow::bail!("give either link (a serial port) or listen (a TCP port), not both")
+            }
+            (None, None) => anyhow::bail!(
+                "no local end: give link = \"/dev/lio0\" (--link) for programs that open a serial port, or listen = \"127.0.0.1:4001\" (--listen) for programs that connect over TCP"
+            ),
+        }
+    }
+}
+
 /// A port ready to open: everything parsed and checked.
 #[derive(Debug, Clone)]
 pub(crate) struct PortSpec {
     pub(crate) target: Target,
-    pub(crate) link: PathBuf,
+    pub(crate) local: Local,
     pub(crate) ownership: Ownership,
     pub(crate) connector: Connector,
     pub(crate) limits: Limits,
@@ -170,19 +229,22 @@ impl AttachFile {
         let defaults = PortsConfig::default();
         let base = self.port_base.unwrap_or(defaults.base);
         let span = self.port_span.unwrap_or(defaults.span);
-        let mut links = BTreeSet::new();
+        let mut locals = BTreeSet::new();
         let mut out = Vec::new();
         for (i, entry) in self.port.iter().enumerate() {
             let at = format!("{origin}, [[port]] #{} ({})", i + 1, entry.target);
-            if !links.insert(entry.link.clone()) {
-                anyhow::bail!(
-                    "{at}: link {} is used by an earlier [[port]]",
-                    entry.link.display()
-                );
+            let local = Local::of(
+                entry.link.as_deref(),
+                entry.listen,
+                entry.listen_any.unwrap_or(false),
+            )
+            .with_context(|| at.clone())?;
+            if !locals.insert(local.to_string()) {
+                anyhow::bail!("{at}: {local} is used by an earlier [[port]]");
             }
             let spec = spec(
                 &entry.target,
-                &entry.link,
+                local,
                 &entry.options().or(&self.defaults()),
                 base,
                 span,
@@ -198,7 +260,7 @@ impl AttachFile {
 /// Builds one port's spec from its options.
 pub(crate) fn spec(
     target: &str,
-    link: &Path,
+    local: Local,
     o: &PortOptions,
     base: u16,
     span: u16,
@@ -227,12 +289,6 @@ pub(crate) fn spec(
         .map(link::parse_mode)
         .transpose()
         .map_err(|e| anyhow::anyhow!("mode {e}"))?;
-    if !link.is_absolute() {
-        anyhow::bail!(
-            "link {} is not an absolute path (e.g. /dev/lio0)",
-            link.display()
-        );
-    }
     let defaults = Limits::default();
     let limits = Limits {
         hold: o
@@ -247,7 +303,7 @@ pub(crate) fn spec(
     };
     Ok(PortSpec {
         target,
-        link: link.to_path_buf(),
+        local,
         ownership: Ownership {
             user: o.user.clone(),
             group: o.group.clone(),
@@ -271,19 +327,34 @@ pub(crate) fn run(specs: Vec<PortSpec>) -> Result<i32> {
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         for s in specs {
-            let port = LocalPort::open(&s.link, &s.ownership)
-                .with_context(|| format!("creating the local port {}", s.link.display()))?;
-            tracing::info!(
-                "{} -> {} ({}); programs open {}",
-                s.link.display(),
-                port.slave_path().display(),
-                s.target,
-                s.link.display()
-            );
-            // Scripts learn that the link exists from this line on stdout.
-            println!("{}", s.link.display());
+            let (port, local) = match &s.local {
+                Local::Link(link) => {
+                    let pty = PtyPort::open(link, &s.ownership)
+                        .with_context(|| format!("creating the local port {}", link.display()))?;
+                    tracing::info!(
+                        "{} -> {} ({}); programs open {}",
+                        link.display(),
+                        pty.slave_path().display(),
+                        s.target,
+                        link.display()
+                    );
+                    (LocalPort::Pty(pty), link.display().to_string())
+                }
+                Local::Listen(addr) => {
+                    let tcp = TcpPort::bind(*addr).await?;
+                    let bound = tcp.local_addr();
+                    tracing::info!(
+                        "listening on {bound} for {}; programs connect to {bound} (one at a time)",
+                        s.target
+                    );
+                    (LocalPort::Tcp(tcp), bound.to_string())
+                }
+            };
+            // Scripts learn that the link exists (or the address, with port 0 the one chosen)
+            // from this line on stdout.
+            println!("{local}");
             let _ = std::io::stdout().flush();
-            let span = tracing::info_span!("attach", link = %s.link.display(), target = %s.target);
+            let span = tracing::info_span!("attach", local = %local, target = %s.target);
             let session = Session {
                 target: s.target,
                 connector: s.connector,
@@ -300,7 +371,7 @@ pub(crate) fn run(specs: Vec<PortSpec>) -> Result<i32> {
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         cancel.cancel();
-        // Each session drops its pty (and removes its link) as it returns.
+        // Each session drops its pty (and removes its link) or its listener as it returns.
         while tasks.join_next().await.is_some() {}
         Ok(0)
     })
@@ -350,5 +421,42 @@ mod tests {
         .unwrap();
         let e = format!("{:#}", f.specs("attach.toml").unwrap_err());
         assert!(e.contains("#2") && e.contains("earlier"), "{e}");
+    }
+
+    #[test]
+    fn listen_entries_beside_links() {
+        let f = parse(
+            "plain = true\n[[port]]\ntarget = \"pi:4001\"\nlink = \"/dev/lio0\"\n[[port]]\ntarget = \"pi:4002\"\nlisten = \"127.0.0.1:5001\"\n",
+        )
+        .unwrap();
+        let specs = f.specs("attach.toml").unwrap();
+        assert_eq!(specs[0].local, Local::Link("/dev/lio0".into()));
+        assert_eq!(
+            specs[1].local,
+            Local::Listen("127.0.0.1:5001".parse().unwrap())
+        );
+        let e = |text: &str| {
+            format!(
+                "{:#}",
+                parse(text).unwrap().specs("attach.toml").unwrap_err()
+            )
+        };
+        let err = e("plain = true\n[[port]]\ntarget = \"pi:1\"\nlisten = \"0.0.0.0:5001\"\n");
+        assert!(
+            err.contains("[[port]] #1") && err.contains("listen_any"),
+            "{err}"
+        );
+        let ok = parse("plain = true\n[[port]]\ntarget = \"pi:1\"\nlisten = \"0.0.0.0:5001\"\nlisten_any = true\n").unwrap();
+        assert!(ok.specs("attach.toml").is_ok());
+        let err = e(
+            "plain = true\n[[port]]\ntarget = \"pi:1\"\nlisten = \"127.0.0.1:5001\"\nlink = \"/dev/x\"\n",
+        );
+        assert!(err.contains("not both"), "{err}");
+        let err = e("plain = true\n[[port]]\ntarget = \"pi:1\"\n");
+        assert!(err.contains("no local end"), "{err}");
+        let err = e(
+            "plain = true\n[[port]]\ntarget = \"pi:1\"\nlisten = \"127.0.0.1:5001\"\n[[port]]\ntarget = \"pi:2\"\nlisten = \"127.0.0.1:5001\"\n",
+        );
+        assert!(err.contains("#2") && err.contains("earlier"), "{err}");
     }
 }

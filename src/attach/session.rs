@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::connect::{Connector, Target};
-use super::link::LocalPort;
+use super::local::LocalPort;
 use crate::protocol::{Answer, Identity, opcode};
 use crate::transport::ClientStream;
 

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::AttachArgs;
 
@@ -10,10 +10,12 @@ pub(super) fn attach(a: AttachArgs, config: Option<&Path>) -> Result<i32> {
     use crate::attach::{self, AttachFile, PortOptions};
     let specs = match (&a.target, config) {
         (Some(target), _) => {
-            let link = a
-                .link
-                .as_deref()
-                .context("--link is required with a TARGET")?;
+            if a.link.is_none() && a.listen.is_none() {
+                anyhow::bail!(
+                    "with a TARGET, give --link PATH (a serial port for programs, e.g. /dev/lio0) or --listen ADDR:PORT (a TCP port, e.g. 127.0.0.1:4001)"
+                );
+            }
+            let local = attach::Local::of(a.link.as_deref(), a.listen, a.listen_any)?;
             let o = PortOptions {
                 ca: a.ca,
                 cert: a.cert,
@@ -29,7 +31,7 @@ pub(super) fn attach(a: AttachArgs, config: Option<&Path>) -> Result<i32> {
             let d = crate::config::PortsConfig::default();
             vec![attach::spec(
                 target,
-                link,
+                local,
                 &o,
                 d.base,
                 d.span,
@@ -41,7 +43,7 @@ pub(super) fn attach(a: AttachArgs, config: Option<&Path>) -> Result<i32> {
             file.specs(&path.display().to_string())?
         }
         (None, None) => anyhow::bail!(
-            "attach needs a TARGET (HOST:PORT, SERIAL@HOST or SERIAL) with --link, or --config FILE with [[port]] entries"
+            "attach needs a TARGET (HOST:PORT, SERIAL@HOST or SERIAL) with --link or --listen, or --config FILE with [[port]] entries"
         ),
     };
     attach::run(specs)

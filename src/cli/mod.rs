@@ -89,7 +89,7 @@ enum Cmd {
     #[command(
         after_help = "Examples:\n  lucidgate attach pi.local:4216 --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach 11001001FA480000@pi.local --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach 11001001FA480000 --link /dev/lio0 --ca ca.crt --cert me.pem   # found by mDNS\n  lucidgate attach --config /etc/lucidgate/attach/lio0.toml   # [[port]] entries, see docs/attach.md"
     )]
-    Attach(AttachArgs),
+    Attach(Box<AttachArgs>),
     /// Certificate provisioning from a USB stick: run it by hand on an image or block device,
     /// or set the token requests must carry.
     #[command(
@@ -151,11 +151,19 @@ struct AttachArgs {
     /// HOST:PORT, SERIAL@HOST[:PORT] (the port defaults to the one the server derives from
     /// the serial; GetId must then answer that serial), or SERIAL alone (16 hex digits: host and
     /// port are found by mDNS). Without it, --config names an attach config with [[port]] entries.
-    #[arg(value_name = "TARGET", requires = "link")]
+    #[arg(value_name = "TARGET")]
     pub(crate) target: Option<String>,
     /// The symlink programs open, e.g. /dev/lio0 (removed on exit).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "listen")]
     pub(crate) link: Option<PathBuf>,
+    /// Instead of a link: a local TCP address programs connect to (e.g. 127.0.0.1:4001; port 0
+    /// picks a free one, printed on stdout). One local client at a time.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) listen: Option<std::net::SocketAddr>,
+    /// Allow a --listen address other than loopback (other machines then use the module with
+    /// this machine's certificate).
+    #[arg(long, requires = "listen")]
+    pub(crate) listen_any: bool,
     /// CA certificate the server must chain to (ca.crt from `lucidgate cert issue-client`).
     #[arg(long, value_name = "FILE")]
     pub(crate) ca: Option<PathBuf>,
@@ -296,7 +304,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Config {
             action: ConfigCmd::Check,
         } => config::check(c),
-        Cmd::Attach(a) => attach::attach(a, c.as_deref()),
+        Cmd::Attach(a) => attach::attach(*a, c.as_deref()),
         Cmd::Discover {
             timeout_ms,
             interfaces,

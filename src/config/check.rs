@@ -149,3 +149,47 @@ mod tests {
         assert!(check_hostname(&"a".repeat(64)).is_err());
     }
 }
+
+/// An `allow_from` entry: a network in CIDR notation (`192.168.1.0/24`, `fd00::/8`) or a single
+/// address (`127.0.0.1`, `::1`). Host bits after the prefix are cleared (`10.1.2.3/8` is
+/// `10.0.0.0/8`), as ip(8) and iptables do.
+pub(crate) fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let t = s.trim();
+    if let Ok(net) = t.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(addr) = t.parse::<std::net::IpAddr>() {
+        return Ok(ipnet::IpNet::from(addr));
+    }
+    Err(format!(
+        "{s:?} is neither an address nor a network; write e.g. \"192.168.1.0/24\", \"10.0.0.7\" or \"fd00::/8\""
+    ))
+}
+
+#[cfg(test)]
+mod net_tests {
+    use super::parse_net;
+
+    #[test]
+    fn networks_and_single_addresses_parse() {
+        assert_eq!(
+            parse_net("192.168.1.0/24").unwrap().to_string(),
+            "192.168.1.0/24"
+        );
+        assert_eq!(parse_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_net("127.0.0.1").unwrap().to_string(), "127.0.0.1/32");
+        assert_eq!(parse_net("::1").unwrap().to_string(), "::1/128");
+        assert_eq!(parse_net("fd00::/8").unwrap().to_string(), "fd00::/8");
+        for bad in [
+            "",
+            "192.168.1.0/33",
+            "::/129",
+            "lan",
+            "192.168.1",
+            "10.0.0.0/",
+        ] {
+            let e = parse_net(bad).unwrap_err();
+            assert!(e.contains("neither an address nor a network"), "{bad}: {e}");
+        }
+    }
+}

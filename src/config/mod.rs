@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use check::{MAX_SERIAL_LEN, check_serial, parse_duration};
+pub(crate) use check::{MAX_SERIAL_LEN, check_serial, parse_duration, parse_net};
 use locate::find_line;
 pub use locate::parse_toml;
 pub(crate) use locate::read_text;
@@ -167,6 +167,11 @@ pub(crate) struct RelayConfig {
     /// Ask each module GetId when its relay starts (turn off for ttys that are not
     /// LucidControl modules: they would receive the 4 request bytes).
     pub(crate) identify: bool,
+    /// Client addresses admitted to every module (networks in CIDR notation or single
+    /// addresses, IPv4-mapped IPv6 peers matched as IPv4); unset: every address. Checked
+    /// before the TLS handshake; on every transport, and the only guard of a plain one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) allow_from: Option<Vec<String>>,
 }
 
 impl Default for RelayConfig {
@@ -176,6 +181,7 @@ impl Default for RelayConfig {
             policy: ClientPolicy::Exclusive,
             baud: 115_200,
             identify: true,
+            allow_from: None,
         }
     }
 }
@@ -360,6 +366,13 @@ pub(crate) struct ModuleOverride {
     /// client certificates.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) allow: Option<Vec<String>>,
+    /// Client addresses admitted to this module, instead of `[relay] allow_from`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) allow_from: Option<Vec<String>>,
+    /// Addresses this module listens on, instead of the top-level `listen` (e.g.
+    /// `["127.0.0.1"]`: reachable through an SSH tunnel only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) listen: Option<Vec<IpAddr>>,
 }
 
 impl Default for ModuleOverride {
@@ -372,6 +385,8 @@ impl Default for ModuleOverride {
             transport: None,
             identify: None,
             allow: None,
+            allow_from: None,
+            listen: None,
         }
     }
 }
@@ -416,6 +431,10 @@ pub struct ModuleSettings {
     pub(crate) transport: TransportKind,
     pub(crate) identify: bool,
     pub(crate) allow: Option<Vec<String>>,
+    /// Client addresses admitted; `None`: every address.
+    pub(crate) allow_from: Option<Vec<ipnet::IpNet>>,
+    /// The addresses the module's port is bound on.
+    pub(crate) listen: Vec<IpAddr>,
 }
 
 impl Config {
@@ -474,6 +493,13 @@ impl Config {
             transport: o.transport.unwrap_or(self.relay.transport),
             identify: o.identify.unwrap_or(self.relay.identify),
             allow: o.allow,
+            // Validated when the config was loaded: nothing is dropped here.
+            allow_from: o
+                .allow_from
+                .as_ref()
+                .or(self.relay.allow_from.as_ref())
+                .map(|list| list.iter().filter_map(|s| parse_net(s).ok()).collect()),
+            listen: o.listen.unwrap_or_else(|| self.listen.clone()),
         }
     }
 

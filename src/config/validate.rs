@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::Config;
-use super::check::{check_hostname, check_serial, check_token_hash, parse_duration};
+use super::check::{check_hostname, check_serial, check_token_hash, parse_duration, parse_net};
 
 impl Config {
     /// Checks what types alone cannot; the error is (table, key, message).
@@ -32,6 +32,9 @@ impl Config {
                     self.ports.base, self.ports.span
                 ),
             );
+        }
+        if let Some(list) = &self.relay.allow_from {
+            check_allow_from(list).or_else(|m| err("relay", "allow_from", m))?;
         }
         if self.relay.baud == 0 {
             return err("relay", "baud", "must be more than 0 (e.g. 115200)".into());
@@ -186,6 +189,16 @@ impl Config {
             if m.baud == Some(0) {
                 return err(&table, "baud", "must be more than 0".into());
             }
+            if let Some(list) = &m.allow_from {
+                check_allow_from(list).or_else(|msg| err(&table, "allow_from", msg))?;
+            }
+            if m.listen.as_ref().is_some_and(Vec::is_empty) {
+                return err(
+                    &table,
+                    "listen",
+                    "no listen address; remove the field to use the top-level listen, or use e.g. listen = [\"127.0.0.1\"]".into(),
+                );
+            }
         }
         let mut serials_seen = std::collections::BTreeSet::new();
         for (i, d) in self.devices.iter().enumerate() {
@@ -221,4 +234,20 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An `allow_from` list: every entry a network or an address, and not empty (an empty list
+/// would admit nobody, which is never what was meant).
+fn check_allow_from(list: &[String]) -> Result<(), String> {
+    if list.is_empty() {
+        return Err(
+            "an empty list admits no client; remove the field to admit every address, \
+             or list the networks (e.g. [\"192.168.1.0/24\", \"::1\"])"
+                .into(),
+        );
+    }
+    for entry in list {
+        parse_net(entry)?;
+    }
+    Ok(())
 }

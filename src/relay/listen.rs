@@ -10,6 +10,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -17,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::accept::{self, ConnectionLimit};
 use crate::transport::{Accepted, Transport};
@@ -105,9 +107,10 @@ pub(crate) fn bind_all(addrs: &[IpAddr], port: u16) -> io::Result<Vec<std::net::
 
 fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        // So "0.0.0.0" and "::" can both be listed without colliding.
-        socket.set_only_v6(true)?;
+    if let SocketAddr::V6(v6) = addr {
+        // So "0.0.0.0" and "::" can both be listed without colliding. An IPv4-mapped address
+        // (`::ffff:127.0.0.1`) is the exception: it is reached over IPv4, so dual-stack.
+        socket.set_only_v6(v6.ip().to_ipv4_mapped().is_none())?;
     }
     // Rebinding right after an unplug must not wait for TIME_WAIT.
     socket.set_reuse_address(true)?;
@@ -144,6 +147,19 @@ pub(crate) struct AcceptConfig {
     pub(crate) max_pending: usize,
     /// Time a transport handshake may take (`limits.handshake_timeout_ms`; plain is immediate).
     pub(crate) handshake_timeout: Duration,
+    /// Client addresses admitted (`allow_from`); `None`: every address.
+    pub(crate) allow_from: Option<Arc<[ipnet::IpNet]>>,
+    /// Counts the connections `allow_from` turned away (status, metrics).
+    pub(crate) refused_address: Arc<AtomicU64>,
+    /// The module's span: refusals are logged with its serial and port.
+    pub(crate) span: tracing::Span,
+}
+
+/// Whether `peer` may connect under `allow_from`. An IPv4-mapped IPv6 peer (`::ffff:a.b.c.d`,
+/// from a dual-stack socket) is matched as the IPv4 address it is.
+pub(crate) fn admitted(allow_from: Option<&[ipnet::IpNet]>, peer: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    allow_from.is_none_or(|nets| nets.iter().any(|n| n.contains(&peer)))
 }
 
 /// Runs one accept loop per listener until `cancel` (the bounded loop of `crate::accept`, all
@@ -174,12 +190,30 @@ pub(crate) fn spawn_acceptors(
             cancel.clone(),
             tracker,
             move |tcp, peer, permit| {
+                // Before any handshake: an address that may not connect costs no TLS work.
+                let allowed = admitted(cfg.allow_from.as_deref(), peer.ip());
+                if !allowed {
+                    cfg.refused_address.fetch_add(1, Ordering::Relaxed);
+                    if refusals.admit() {
+                        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                        cfg.span.in_scope(|| {
+                            tracing::warn!(peer_addr = %peer, event = "client-refused",
+                                "client {peer} refused: its address is not in allow_from");
+                        });
+                    }
+                }
                 tune_client(&tcp, cfg.keepalive);
                 let (transport, tx, cancel) =
                     (cfg.transport.clone(), tx.clone(), conn_cancel.clone());
                 let handshake_timeout = cfg.handshake_timeout;
                 let refusals = refusals.clone();
+                let span = cfg.span.clone();
                 async move {
+                    if !allowed {
+                        // Closed at once, before any byte is read or sent; the permit goes with it.
+                        drop((tcp, permit));
+                        return;
+                    }
                     let accepted = tokio::select! {
                         _ = cancel.cancelled() => return,
                         r = transport.accept(tcp, peer, handshake_timeout) => r,
@@ -202,8 +236,54 @@ pub(crate) fn spawn_acceptors(
                         }
                     }
                 }
+                .instrument(span)
             },
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admitted;
+    use crate::config::parse_net;
+    use std::net::IpAddr;
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|s| parse_net(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn allow_from_admits_exactly_the_listed_networks() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(admitted(None, ip("203.0.113.9")), "no list: every address");
+        let list = nets(&["192.168.1.0/24", "127.0.0.1", "::1", "fd00::/8"]);
+        let l = Some(list.as_slice());
+        for yes in [
+            "192.168.1.1",
+            "192.168.1.254",
+            "127.0.0.1",
+            "::1",
+            "fd12::7",
+            "::ffff:192.168.1.9",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(admitted(l, ip(yes)), "{yes} should be admitted");
+        }
+        for no in [
+            "192.168.2.1",
+            "127.0.0.2",
+            "10.0.0.1",
+            "::2",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "::ffff:192.168.2.1",
+        ] {
+            assert!(!admitted(l, ip(no)), "{no} should be refused");
+        }
+        // A v6-only list does not admit IPv4 peers, mapped or not.
+        let v6 = nets(&["::/0"]);
+        assert!(!admitted(Some(v6.as_slice()), ip("::ffff:10.0.0.1")));
+        assert!(admitted(Some(v6.as_slice()), ip("2001:db8::1")));
+    }
 }

@@ -70,22 +70,19 @@ pub(crate) struct RelaySpec {
     /// rights in their certificates. Part of the spec so that a reload that changes it
     /// restarts the relay with the new list.
     pub(crate) allow: Option<Vec<String>>,
+    /// Client addresses admitted (`allow_from`); `None`: every address.
+    pub(crate) allow_from: Option<Vec<ipnet::IpNet>>,
 }
 
 impl RelaySpec {
-    /// The spec of the module `info` describes, with its merged `settings`, the addresses to
-    /// listen on and the daemon's `limits`.
-    pub(crate) fn new(
-        info: &ModuleInfo,
-        settings: &ModuleSettings,
-        listen: &[IpAddr],
-        limits: &Limits,
-    ) -> RelaySpec {
+    /// The spec of the module `info` describes, with its merged `settings` and the daemon's
+    /// `limits`.
+    pub(crate) fn new(info: &ModuleInfo, settings: &ModuleSettings, limits: &Limits) -> RelaySpec {
         RelaySpec {
             serial: info.serial.clone(),
             devnode: info.devnode.clone(),
             fixed_port: settings.fixed_port,
-            listen: listen.to_vec(),
+            listen: settings.listen.clone(),
             baud: settings.baud,
             policy: settings.policy,
             transport: settings.transport,
@@ -99,6 +96,7 @@ impl RelaySpec {
             max_clients: limits.max_clients_per_module,
             answer_timeout: Duration::from_millis(limits.answer_timeout_ms),
             allow: settings.allow.clone(),
+            allow_from: settings.allow_from.clone(),
         }
     }
 }
@@ -109,6 +107,8 @@ pub(crate) struct RelayStats {
     pub(crate) clients: AtomicUsize,
     pub(crate) sessions: AtomicU64,
     pub(crate) refused: AtomicU64,
+    /// Connections refused before any handshake because of their address (`allow_from`).
+    pub(crate) refused_address: Arc<AtomicU64>,
     pub(crate) traffic: Traffic,
     /// The connected clients' addresses and names.
     pub(crate) client: Mutex<Vec<String>>,
@@ -215,6 +215,7 @@ pub(crate) fn start(parts: RelayParts) -> Result<RelayHandle> {
     let stats = Arc::new(RelayStats::default());
     let relay_tasks = TaskTracker::new();
     let (tx, rx) = mpsc::channel(INCOMING_QUEUE);
+    let span = tracing::info_span!("module", module_serial = %spec.serial, port);
     listen::spawn_acceptors(
         listeners,
         AcceptConfig {
@@ -222,13 +223,15 @@ pub(crate) fn start(parts: RelayParts) -> Result<RelayHandle> {
             keepalive: spec.keepalive,
             max_pending: spec.max_pending,
             handshake_timeout: spec.handshake_timeout,
+            allow_from: spec.allow_from.clone().map(Arc::from),
+            refused_address: stats.refused_address.clone(),
+            span: span.clone(),
         },
         tx,
         cancel.clone(),
         &relay_tasks,
     )
     .context("registering listeners with the runtime")?;
-    let span = tracing::info_span!("module", module_serial = %spec.serial, port);
     let relay = Relay {
         spec: spec.clone(),
         tty,
@@ -538,12 +541,7 @@ mod tests {
             devnode: "/dev/ttyACM0".into(),
             syspath: "/sys/x".into(),
         };
-        RelaySpec::new(
-            &info,
-            &c.module_settings(&info.serial),
-            &c.listen,
-            &c.limits,
-        )
+        RelaySpec::new(&info, &c.module_settings(&info.serial), &c.limits)
     }
 
     #[test]
@@ -566,5 +564,20 @@ mod tests {
             spec(""),
             spec("[modules.\"11001001FA480000\"]\nallow = [\"laptop\"]\n")
         );
+        // Address lists: the module's own, else the relay-wide one, else everyone.
+        let own = spec(
+            "[relay]\nallow_from = [\"10.0.0.0/8\"]\n[modules.\"11001001FA480000\"]\nallow_from = [\"::1\", \"127.0.0.1\"]\nlisten = [\"127.0.0.1\"]\n",
+        );
+        assert_eq!(
+            own.allow_from
+                .as_deref()
+                .map(|l| l.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
+            Some(vec!["::1/128".to_string(), "127.0.0.1/32".to_string()])
+        );
+        assert_eq!(own.listen, vec![IpAddr::from([127, 0, 0, 1])]);
+        let wide = spec("[relay]\nallow_from = [\"10.1.2.3/8\"]\n");
+        assert_eq!(wide.allow_from.unwrap()[0].to_string(), "10.0.0.0/8");
+        assert_eq!(spec("").allow_from, None);
+        assert_eq!(spec("").listen.len(), 2);
     }
 }

@@ -280,7 +280,6 @@ impl Supervisor {
         RelaySpec::new(
             info,
             &self.config.module_settings(&info.serial),
-            &self.config.listen,
             &self.config.limits,
         )
     }

@@ -31,6 +31,7 @@ impl Supervisor {
                 error: None,
                 sessions: 0,
                 refused: 0,
+                refused_address: 0,
                 bytes_up: 0,
                 bytes_down: 0,
                 identity_state: String::new(),
@@ -63,6 +64,7 @@ impl Supervisor {
                 m.since = Some(humantime::format_rfc3339_seconds(r.handle.since).to_string());
                 m.sessions = st.sessions.load(Relaxed);
                 m.refused = st.refused.load(Relaxed);
+                m.refused_address = st.refused_address.load(Relaxed);
                 m.bytes_up = st.traffic.bytes_up.load(Relaxed);
                 m.bytes_down = st.traffic.bytes_down.load(Relaxed);
             } else if let Some(f) = self.failures.get(&info.serial) {
