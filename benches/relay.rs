@@ -22,6 +22,9 @@ const START_PATIENCE: Duration = Duration::from_secs(10);
 /// A bulk transfer that makes no progress for this long is reported as stalled.
 const STALL: Duration = Duration::from_secs(5);
 const GET_IO: [u8; 4] = [0x46, 0x00, 0x1D, 0x00];
+// The servers' ports (26000..29200) sit below Linux's ephemeral range (32768..60999): there a
+// client socket's local port could hold the port a server is about to bind (seen in full runs:
+// "fixed port 49104 is busy").
 
 struct Mode {
     full: bool,
@@ -515,7 +518,7 @@ fn single_module(mode: &Mode, r: &mut Report) {
         Kind::Ser2net { chardelay: false },
     ];
     for (k, kind) in kinds.into_iter().enumerate() {
-        let base = 46000 + (k as u16) * 10;
+        let base = 26000 + (k as u16) * 10;
         let mut row = Row {
             server: kind.name().into(),
             ..Default::default()
@@ -616,7 +619,7 @@ fn scale(mode: &Mode, r: &mut Report) {
         .into_iter()
         .enumerate()
         {
-            let s = match start(kind, &refs, 47000 + (k as u16) * 200, "") {
+            let s = match start(kind, &refs, 27000 + (k as u16) * 200, "") {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("{e}");
@@ -702,7 +705,7 @@ fn hotplug(mode: &Mode, r: &mut Report) {
     std::fs::write(
         &cfg,
         format!(
-            "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n[relay]\ntransport = \"plain\"\n[ports]\nbase = 48000\n[discovery]\nmdns = false\n",
+            "listen = [\"127.0.0.1\"]\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n[relay]\ntransport = \"plain\"\n[ports]\nbase = 28000\n[discovery]\nmdns = false\n",
             dir.path().join("s").display(),
             dir.path().join("c.sock").display()
         ),
@@ -728,7 +731,7 @@ fn hotplug(mode: &Mode, r: &mut Report) {
     let cycles = if mode.full { 20 } else { 3 };
     for i in 0..cycles {
         let serial = format!("11001001FA48{i:04X}");
-        let port = 48000 + lucidgate::ports::derive(&serial, 0, 1000);
+        let port = 28000 + lucidgate::ports::derive(&serial, 0, 1000);
         let t = Instant::now();
         writeln!(hin, "add {i} {serial} deciphe_it LucidIo_AO4").unwrap();
         line.clear();
@@ -777,7 +780,7 @@ fn tls(mode: &Mode, r: &mut Report) {
     let s = start(
         Kind::Lucidgate,
         &[&emu.path()],
-        49000,
+        29000,
         "[relay]\ntransport = \"mtls\"\n",
     )
     .expect("lucidgate starts");
@@ -826,7 +829,7 @@ fn tls(mode: &Mode, r: &mut Report) {
     drop(s);
     // A pty of its own: the comparison must not depend on how the mTLS server let go of its.
     let emu_plain = EmuModule::new(dir.path(), 1);
-    let plain = start(Kind::Lucidgate, &[&emu_plain.path()], 49010, "").expect("lucidgate starts");
+    let plain = start(Kind::Lucidgate, &[&emu_plain.path()], 29010, "").expect("lucidgate starts");
     let mut c = tcp(plain.ports[0]);
     round_trips(&mut c, mode.rtt_requests / 10);
     let plain_rtt = rtt_stats(&round_trips(&mut c, mode.rtt_requests));
@@ -842,7 +845,7 @@ fn tls(mode: &Mode, r: &mut Report) {
     }
     let socat = Command::new("socat")
         .arg(format!(
-            "openssl-listen:49020,fork,reuseaddr,bind=127.0.0.1,cert={},cafile={},verify=1",
+            "openssl-listen:29020,fork,reuseaddr,bind=127.0.0.1,cert={},cafile={},verify=1",
             server_pem.display(),
             pki.join("ca.crt").display()
         ))
@@ -851,19 +854,19 @@ fn tls(mode: &Mode, r: &mut Report) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_port(49020).expect("socat openssl-listen starts");
+    wait_port(29020).expect("socat openssl-listen starts");
     let mut socat_hs: Vec<Duration> = (0..if mode.full { 200 } else { 20 })
-        .map(|_| connect_tls(49020).1)
+        .map(|_| connect_tls(29020).1)
         .collect();
     socat_hs.sort();
     let anchor = Server {
         name: "socat openssl-listen".into(),
         children: vec![socat],
-        ports: vec![49020],
+        ports: vec![29020],
         _dir: tempfile::tempdir().unwrap(),
     };
     settle(&anchor);
-    let (mut st, _) = connect_tls(49020);
+    let (mut st, _) = connect_tls(29020);
     round_trips(&mut st, mode.rtt_requests / 10);
     let socat_rtt = rtt_stats(&round_trips(&mut st, mode.rtt_requests));
     drop(st);
@@ -923,7 +926,7 @@ fn idle(mode: &Mode, r: &mut Report) {
     let paths: Vec<PathBuf> = mods.iter().map(|m| m.path()).collect();
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     let t0 = Instant::now();
-    let s = start(Kind::Lucidgate, &refs, 49100, "").expect("lucidgate starts");
+    let s = start(Kind::Lucidgate, &refs, 29100, "").expect("lucidgate starts");
     let startup = t0.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     let pid = s.children[0].id();

@@ -77,6 +77,8 @@ fn service_daemon(interfaces: &[String]) -> Result<ServiceDaemon> {
     Ok(daemon)
 }
 
+// Announcing is the server's (Linux); browsing works everywhere.
+#[cfg(target_os = "linux")]
 impl Announcer {
     /// Starts announcing per `cfg`; `None` when discovery is off.
     pub(crate) fn start(cfg: &DiscoveryConfig) -> Result<Option<Announcer>> {

@@ -1,5 +1,5 @@
-//! A LucidControl module emulator: the module logic ([`Module`]) and a runner that serves it on the
-//! master side of a pty ([`serve_fd`]).
+//! A LucidControl module emulator: the module logic ([`Module`]) and runners that serve it on the
+//! master side of a pty ([`serve_fd`], Linux) or to TCP clients ([`serve_tcp`], everywhere).
 //!
 //! One implementation for `lucidgate emulate`, the test suite and the benchmark. It answers
 //! GetId, GetIo/SetIo, GetIoGroup/SetIoGroup, GetParam/SetParam and CalibIo per
@@ -8,12 +8,14 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+#[cfg(target_os = "linux")]
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+#[cfg(target_os = "linux")]
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::protocol::{Answer, Identity, Request, opcode, status, value_size, value_type};
@@ -21,6 +23,7 @@ use crate::protocol::{Answer, Identity, Request, opcode, status, value_size, val
 /// How often the runner looks at its stop flag while no request arrives.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Pause after a read error (e.g. EIO while no client has the pty open) before trying again.
+#[cfg(target_os = "linux")]
 const HANGUP_RETRY: Duration = Duration::from_millis(20);
 /// The analog input reading of the protocol doc's example (1.756254 V on channel 0).
 const AI_CHANNEL0_MICROVOLTS: i64 = 0x001A_CC5E;
@@ -336,6 +339,7 @@ impl Shared {
 
 /// Serves `shared`'s module on `fd` (a pty master, or any byte stream) until the stop flag is set.
 /// Blocking: run it on a thread of its own.
+#[cfg(target_os = "linux")]
 pub fn serve_fd(fd: OwnedFd, shared: Shared) -> Result<()> {
     let mut file = std::fs::File::from(fd);
     let mut buf: Vec<u8> = Vec::with_capacity(512);
@@ -369,27 +373,83 @@ pub fn serve_fd(fd: OwnedFd, shared: Shared) -> Result<()> {
             Err(e) => return Err(e).context("reading requests from the emulator's pty"),
         };
         buf.extend_from_slice(&chunk[..n]);
-        while let Ok((req, used)) = Request::parse(&buf) {
-            buf.drain(..used);
-            let seen = shared.counters.requests.fetch_add(1, Ordering::Relaxed);
-            if crate::protocol::is_write(req.opcode) {
-                shared.counters.writes.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = answer_requests(&mut buf, &shared, &mut file) {
+            if e.raw_os_error() == Some(libc::EIO) {
+                continue;
             }
-            let (answer, delay) = {
-                let mut module = shared.module.lock().unwrap_or_else(|p| p.into_inner());
-                if module.silent || seen < module.ignore_first {
-                    continue;
-                }
-                (module.handle(&req), module.answer_delay)
-            };
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
+            return Err(e).context("writing an answer to the emulator's pty");
+        }
+    }
+    Ok(())
+}
+
+/// Answers every whole request at the front of `buf` (removing it) on `out`, as the module
+/// would: counted, possibly unanswered (`silent`, `ignore_first`) or late (`answer_delay`).
+fn answer_requests(
+    buf: &mut Vec<u8>,
+    shared: &Shared,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    while let Ok((req, used)) = Request::parse(buf) {
+        buf.drain(..used);
+        let seen = shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if crate::protocol::is_write(req.opcode) {
+            shared.counters.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        let (answer, delay) = {
+            let mut module = shared.module.lock().unwrap_or_else(|p| p.into_inner());
+            if module.silent || seen < module.ignore_first {
+                continue;
             }
-            if let Err(e) = file.write_all(&answer.encode()) {
-                if e.raw_os_error() == Some(libc::EIO) {
-                    break;
+            (module.handle(&req), module.answer_delay)
+        };
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        out.write_all(&answer.encode())?;
+    }
+    Ok(())
+}
+
+/// Serves `shared`'s module to TCP clients on `listener`, one at a time (a module has one
+/// line), until the stop flag is set: a module to try `attach` or a program against where there
+/// is no pty (Windows). Blocking: run it on a thread of its own.
+pub fn serve_tcp(listener: std::net::TcpListener, shared: Shared) -> Result<()> {
+    listener
+        .set_nonblocking(true)
+        .context("setting up the emulator's listener")?;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let mut client = match listener.accept() {
+            Ok((client, _)) => client,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(STOP_POLL_INTERVAL);
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("accepting a client of the emulated module"),
+        };
+        let _ = client.set_nonblocking(false);
+        let _ = client.set_nodelay(true);
+        let _ = client.set_read_timeout(Some(STOP_POLL_INTERVAL));
+        let mut buf: Vec<u8> = Vec::with_capacity(512);
+        let mut chunk = [0u8; 512];
+        while !shared.stop.load(Ordering::Relaxed) {
+            match client.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if answer_requests(&mut buf, &shared, &mut client).is_err() {
+                        break;
+                    }
                 }
-                return Err(e).context("writing an answer to the emulator's pty");
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => break,
             }
         }
     }

@@ -35,13 +35,43 @@ fn filter(level: &str) -> Targets {
         .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO))
 }
 
-/// Installs the global subscriber. `level` is used when `RUST_LOG` is not set.
-pub(crate) fn init(level: &str, target: LogTarget) {
+/// Installs the global subscriber. `level` is used when `RUST_LOG` is not set; `file`, when
+/// given, takes the lines instead of stderr (appended; for `lucidgate.exe` run by the Task
+/// Scheduler or as a service, where there is no console).
+pub(crate) fn init(level: &str, target: LogTarget, file: Option<&std::path::Path>) {
+    if let Some(path) = file {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(f) => {
+                let fmt = tracing_subscriber::fmt::layer()
+                    .with_writer(std::sync::Mutex::new(f))
+                    .with_ansi(false)
+                    .with_target(false);
+                let _ = tracing_subscriber::registry()
+                    .with(filter(level))
+                    .with(fmt)
+                    .try_init();
+                return;
+            }
+            Err(e) => eprintln!(
+                "lucidgate: cannot open the log file {} ({e}); logging to stderr",
+                path.display()
+            ),
+        }
+    }
     let journald = match target {
         LogTarget::Stderr => false,
         LogTarget::Journald => true,
         LogTarget::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
     };
+    #[cfg(not(target_os = "linux"))]
+    if journald {
+        eprintln!("lucidgate: there is no journald here; logging to stderr");
+    }
+    #[cfg(target_os = "linux")]
     if journald {
         match tracing_journald::layer() {
             Ok(layer) => {

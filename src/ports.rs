@@ -7,14 +7,22 @@
 //! inside the span) and the choice is persisted, so once a serial has a port it keeps it.
 //! The supervisor is the registry's only writer.
 
+#[cfg(target_os = "linux")]
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+#[cfg(target_os = "linux")]
 use std::path::{Path, PathBuf};
 
+#[cfg(target_os = "linux")]
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+#[cfg(target_os = "linux")]
+use serde::Deserialize;
+use serde::Serialize;
 
-use crate::config::{Config, check_serial};
+use crate::config::Config;
+#[cfg(target_os = "linux")]
+use crate::config::check_serial;
+#[cfg(target_os = "linux")]
 use crate::state;
 
 /// File name of the registry inside `state_dir`.
@@ -95,6 +103,18 @@ pub fn derive(serial: &str, base: u16, span: u16) -> u16 {
     (base as u64 + serial_number(serial) % span) as u16
 }
 
+/// The port the config alone gives `serial`: fixed in `[modules."SERIAL"]`, else derived.
+pub(crate) fn configured(serial: &str, config: &Config) -> (u16, PortSource) {
+    match config.module_settings(serial).fixed_port {
+        Some(p) => (p, PortSource::Fixed),
+        None => (
+            derive(serial, config.ports.base, config.ports.span),
+            PortSource::Derived,
+        ),
+    }
+}
+
+#[cfg(target_os = "linux")]
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RegistryFile {
@@ -104,11 +124,13 @@ struct RegistryFile {
 
 /// The remembered serial → port map, persisted atomically on every change.
 #[derive(Debug)]
+#[cfg(target_os = "linux")]
 pub(crate) struct Registry {
     path: PathBuf,
     ports: BTreeMap<String, u16>,
 }
 
+#[cfg(target_os = "linux")]
 impl Registry {
     /// An empty registry that writes to `path` (nothing is written until a port is recorded).
     pub(crate) fn empty(path: PathBuf) -> Registry {
@@ -223,15 +245,10 @@ impl Registry {
     /// What the rule gives `serial` without binding anything (`lucidgate port`): the port and
     /// where it comes from.
     pub(crate) fn lookup(&self, serial: &str, config: &Config) -> (u16, PortSource) {
-        if let Some(p) = config.module_settings(serial).fixed_port {
-            (p, PortSource::Fixed)
-        } else if let Some(p) = self.get(serial) {
-            (p, PortSource::Registry)
-        } else {
-            (
-                derive(serial, config.ports.base, config.ports.span),
-                PortSource::Derived,
-            )
+        match (configured(serial, config), self.get(serial)) {
+            ((p, PortSource::Fixed), _) => (p, PortSource::Fixed),
+            (_, Some(p)) => (p, PortSource::Registry),
+            (derived, None) => derived,
         }
     }
 

@@ -177,3 +177,38 @@ fn emulate_fd_puts_a_cooked_tty_in_raw_mode() {
         .unwrap();
     assert_eq!(answer, get_id_answer(AO4), "echoed or translated bytes");
 }
+
+#[test]
+fn emulate_listen_serves_a_module_on_a_tcp_port() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(bin())
+        .args(["emulate", "--class", "AO4", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr: std::net::SocketAddr = line.trim().parse().expect("the address on stdout");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    assert_eq!(ask(&mut s, &GET_ID), get_id_answer(AO4));
+    assert_eq!(ask(&mut s, &GET_IO_UV)[..2], [0x00, 0x04]);
+    drop(s);
+    // A second client after the first left: the module's one line is free again.
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
+    assert_eq!(ask(&mut s, &GET_ID), get_id_answer(AO4));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut rest = String::new();
+    out.read_line(&mut rest).unwrap();
+    assert_eq!(rest.trim(), "requests 3 writes 0");
+}

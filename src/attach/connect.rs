@@ -350,6 +350,7 @@ fn tune(tcp: &TcpStream) {
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
     let _ = sock.set_tcp_keepalive(&ka);
+    #[cfg(target_os = "linux")]
     let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 

@@ -5,15 +5,8 @@
 //! descriptor open itself, which gives socat's `ignoreof` semantics: programs may open and close
 //! the port as often as they like and the master never sees a hang-up.
 
-use std::io;
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
-
-use anyhow::{Context, Result};
-use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use tokio::io::unix::AsyncFd;
-
-use crate::pty::Pty;
+#[cfg(target_os = "linux")]
+pub(crate) use pty_port::PtyPort;
 
 /// Owner, group and permissions of the pty (socat's `user=`, `group=`, `mode=`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,99 +27,115 @@ pub(crate) fn parse_mode(s: &str) -> Result<u32, String> {
     }
 }
 
-fn resolve_user(u: &str) -> Result<nix::unistd::Uid> {
-    if let Ok(n) = u.parse::<u32>() {
-        return Ok(nix::unistd::Uid::from_raw(n));
-    }
-    match nix::unistd::User::from_name(u) {
-        Ok(Some(user)) => Ok(user.uid),
-        _ => anyhow::bail!("user {u:?} does not exist (check --user / `user`)"),
-    }
-}
+/// The pty itself (Linux: lucidgate.exe has `--listen` only).
+#[cfg(target_os = "linux")]
+mod pty_port {
+    use std::io;
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::path::Path;
 
-fn resolve_group(g: &str) -> Result<nix::unistd::Gid> {
-    if let Ok(n) = g.parse::<u32>() {
-        return Ok(nix::unistd::Gid::from_raw(n));
-    }
-    match nix::unistd::Group::from_name(g) {
-        Ok(Some(group)) => Ok(group.gid),
-        _ => anyhow::bail!("group {g:?} does not exist (check --group / `group`)"),
-    }
-}
+    use anyhow::{Context, Result};
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use tokio::io::unix::AsyncFd;
 
-/// The pty and its async master.
-pub(crate) struct PtyPort {
-    master: AsyncFd<OwnedFd>,
-    pty: Pty,
-}
+    use super::Ownership;
+    use crate::pty::Pty;
 
-impl PtyPort {
-    /// Opens a raw pty, applies `own` to its slave and links `link` to it.
-    pub(crate) fn open(link: &Path, own: &Ownership) -> Result<PtyPort> {
-        let mut pty = Pty::open()?;
-        let slave = pty.slave_path.clone();
-        if own.user.is_some() || own.group.is_some() {
-            let uid = own.user.as_deref().map(resolve_user).transpose()?;
-            let gid = own.group.as_deref().map(resolve_group).transpose()?;
-            nix::unistd::fchown(pty.slave.as_fd(), uid, gid)
-                .with_context(|| format!("changing the owner of {}", slave.display()))?;
+    fn resolve_user(u: &str) -> Result<nix::unistd::Uid> {
+        if let Ok(n) = u.parse::<u32>() {
+            return Ok(nix::unistd::Uid::from_raw(n));
         }
-        if let Some(mode) = own.mode {
-            nix::sys::stat::fchmod(
-                pty.slave.as_fd(),
-                nix::sys::stat::Mode::from_bits_truncate(mode),
+        match nix::unistd::User::from_name(u) {
+            Ok(Some(user)) => Ok(user.uid),
+            _ => anyhow::bail!("user {u:?} does not exist (check --user / `user`)"),
+        }
+    }
+
+    fn resolve_group(g: &str) -> Result<nix::unistd::Gid> {
+        if let Ok(n) = g.parse::<u32>() {
+            return Ok(nix::unistd::Gid::from_raw(n));
+        }
+        match nix::unistd::Group::from_name(g) {
+            Ok(Some(group)) => Ok(group.gid),
+            _ => anyhow::bail!("group {g:?} does not exist (check --group / `group`)"),
+        }
+    }
+
+    /// The pty and its async master.
+    pub(crate) struct PtyPort {
+        master: AsyncFd<OwnedFd>,
+        pty: Pty,
+    }
+
+    impl PtyPort {
+        /// Opens a raw pty, applies `own` to its slave and links `link` to it.
+        pub(crate) fn open(link: &Path, own: &Ownership) -> Result<PtyPort> {
+            let mut pty = Pty::open()?;
+            let slave = pty.slave_path.clone();
+            if own.user.is_some() || own.group.is_some() {
+                let uid = own.user.as_deref().map(resolve_user).transpose()?;
+                let gid = own.group.as_deref().map(resolve_group).transpose()?;
+                nix::unistd::fchown(pty.slave.as_fd(), uid, gid)
+                    .with_context(|| format!("changing the owner of {}", slave.display()))?;
+            }
+            if let Some(mode) = own.mode {
+                nix::sys::stat::fchmod(
+                    pty.slave.as_fd(),
+                    nix::sys::stat::Mode::from_bits_truncate(mode),
+                )
+                .with_context(|| format!("changing the mode of {}", slave.display()))?;
+            }
+            pty.link(link)?;
+            let master = pty
+                .master
+                .try_clone()
+                .context("duplicating the pty master")?;
+            let flags = fcntl(master.as_fd(), FcntlArg::F_GETFL).context("fcntl F_GETFL")?;
+            fcntl(
+                master.as_fd(),
+                FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
             )
-            .with_context(|| format!("changing the mode of {}", slave.display()))?;
+            .context("making the pty master non-blocking")?;
+            // SAFETY: `master` is an OwnedFd moved into the AsyncFd: it stays open, and keeps its
+            // number, until the AsyncFd is dropped.
+            let master = unsafe { AsyncFd::register(master) }
+                .map_err(|e| e.into_parts().1)
+                .context("registering the pty with the runtime")?;
+            Ok(PtyPort { master, pty })
         }
-        pty.link(link)?;
-        let master = pty
-            .master
-            .try_clone()
-            .context("duplicating the pty master")?;
-        let flags = fcntl(master.as_fd(), FcntlArg::F_GETFL).context("fcntl F_GETFL")?;
-        fcntl(
-            master.as_fd(),
-            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
-        )
-        .context("making the pty master non-blocking")?;
-        // SAFETY: `master` is an OwnedFd moved into the AsyncFd: it stays open, and keeps its
-        // number, until the AsyncFd is dropped.
-        let master = unsafe { AsyncFd::register(master) }
-            .map_err(|e| e.into_parts().1)
-            .context("registering the pty with the runtime")?;
-        Ok(PtyPort { master, pty })
-    }
 
-    /// The pty's own name (`/dev/pts/N`).
-    pub(crate) fn slave_path(&self) -> &Path {
-        &self.pty.slave_path
-    }
+        /// The pty's own name (`/dev/pts/N`).
+        pub(crate) fn slave_path(&self) -> &Path {
+            &self.pty.slave_path
+        }
 
-    /// Reads what a program wrote to the port.
-    pub(crate) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.master.readable().await?;
-            match guard
-                .try_io(|fd| nix::unistd::read(fd.get_ref().as_fd(), buf).map_err(io::Error::from))
-            {
-                Ok(r) => return r,
-                Err(_would_block) => continue,
+        /// Reads what a program wrote to the port.
+        pub(crate) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+            loop {
+                let mut guard = self.master.readable().await?;
+                match guard.try_io(|fd| {
+                    nix::unistd::read(fd.get_ref().as_fd(), buf).map_err(io::Error::from)
+                }) {
+                    Ok(r) => return r,
+                    Err(_would_block) => continue,
+                }
             }
         }
-    }
 
-    /// Writes everything in `buf` to the program side (waits while the pty's buffer is full).
-    pub(crate) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
-        while !buf.is_empty() {
-            let mut guard = self.master.writable().await?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), buf).map_err(io::Error::from))
-            {
-                Ok(Ok(n)) => buf = &buf[n..],
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
+        /// Writes everything in `buf` to the program side (waits while the pty's buffer is full).
+        pub(crate) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+            while !buf.is_empty() {
+                let mut guard = self.master.writable().await?;
+                match guard
+                    .try_io(|fd| nix::unistd::write(fd.get_ref(), buf).map_err(io::Error::from))
+                {
+                    Ok(Ok(n)) => buf = &buf[n..],
+                    Ok(Err(e)) => return Err(e),
+                    Err(_would_block) => continue,
+                }
             }
+            Ok(())
         }
-        Ok(())
     }
 }
 

@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, PortsConfig};
 use connect::{Connector, Target, TlsFiles};
-use link::{Ownership, PtyPort};
+use link::Ownership;
+#[cfg(target_os = "linux")]
+use link::PtyPort;
 use listen::TcpPort;
 use local::LocalPort;
 use session::{Limits, Session};
@@ -321,13 +323,17 @@ pub(crate) fn run(specs: Vec<PortSpec>) -> Result<i32> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut stop = crate::stop::StopSignal::install()?;
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         for s in specs {
             let (port, local) = match &s.local {
+                #[cfg(not(target_os = "linux"))]
+                Local::Link(link) => anyhow::bail!(
+                    "{}: a serial-port link (a pty) exists on Linux only; here, give programs a TCP port with --listen 127.0.0.1:PORT (listen = \"...\" in the attach config)",
+                    link.display()
+                ),
+                #[cfg(target_os = "linux")]
                 Local::Link(link) => {
                     let pty = PtyPort::open(link, &s.ownership)
                         .with_context(|| format!("creating the local port {}", link.display()))?;
@@ -364,11 +370,11 @@ pub(crate) fn run(specs: Vec<PortSpec>) -> Result<i32> {
             let c = cancel.clone();
             tasks.spawn(tracing::Instrument::instrument(session.run(c), span));
         }
+        #[cfg(target_os = "linux")]
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: removing the links and stopping"),
-            _ = int.recv() => tracing::info!("SIGINT: removing the links and stopping"),
-        }
+        let why = stop.recv().await;
+        tracing::info!("{why}: removing the links and stopping");
+        #[cfg(target_os = "linux")]
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         cancel.cancel();
         // Each session drops its pty (and removes its link) or its listener as it returns.

@@ -1,26 +1,39 @@
 //! `lucidgate config check`, `config import-ser2net` and `lucidgate port`: what the
 //! configuration says, without a daemon.
 
-use std::path::{Path, PathBuf};
+#[cfg(target_os = "linux")]
+use std::path::Path;
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+#[cfg(target_os = "linux")]
+use anyhow::Context;
+use anyhow::Result;
 
 use super::{describe_config_path, load_config};
 use crate::config;
-use crate::ports::{self, Registry};
+use crate::ports;
+#[cfg(target_os = "linux")]
+use crate::ports::Registry;
 
 pub(super) fn port(config_path: &Option<PathBuf>, serial: &str) -> Result<i32> {
     let (cfg, _) = load_config(config_path)?;
     if let Err(why) = config::check_serial(serial) {
         anyhow::bail!("serial {serial:?} {why}");
     }
-    let registry = match std::fs::metadata(cfg.state_dir.join(ports::REGISTRY_FILE)) {
-        Ok(_) => Registry::load(&cfg.state_dir)
-            .map(|(r, _)| r)
-            .unwrap_or_else(|_| Registry::empty(PathBuf::new())),
-        Err(_) => Registry::empty(PathBuf::new()),
+    // The registry of remembered ports lives on the server; elsewhere (lucidgate.exe on a PC)
+    // the port is what the config fixes or the rule derives.
+    #[cfg(target_os = "linux")]
+    let (port, source) = {
+        let registry = match std::fs::metadata(cfg.state_dir.join(ports::REGISTRY_FILE)) {
+            Ok(_) => Registry::load(&cfg.state_dir)
+                .map(|(r, _)| r)
+                .unwrap_or_else(|_| Registry::empty(PathBuf::new())),
+            Err(_) => Registry::empty(PathBuf::new()),
+        };
+        registry.lookup(serial, &cfg)
     };
-    let (port, source) = registry.lookup(serial, &cfg);
+    #[cfg(not(target_os = "linux"))]
+    let (port, source) = ports::configured(serial, &cfg);
     println!("{port}");
     let why = match source {
         ports::PortSource::Derived => format!(
@@ -34,15 +47,19 @@ pub(super) fn port(config_path: &Option<PathBuf>, serial: &str) -> Result<i32> {
             cfg.ports.span
         ),
         ports::PortSource::Fixed => format!("fixed in [modules.\"{serial}\"]"),
+        #[cfg(target_os = "linux")]
         other => format!(
             "{other}: remembered in {}",
             crate::daemon::registry_path(&cfg).display()
         ),
+        #[cfg(not(target_os = "linux"))]
+        other => other.to_string(),
     };
     eprintln!("{serial}: port {port} ({why})");
     Ok(0)
 }
 
+#[cfg(target_os = "linux")]
 pub(super) fn import_ser2net(file: &Path) -> Result<i32> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("reading ser2net config {}", file.display()))?;

@@ -1,8 +1,10 @@
-//! `lucidgate emulate`: a LucidControl module on a pty (or an inherited fd), for tests, the
-//! benchmark and trying lucidgate without hardware.
+//! `lucidgate emulate`: a LucidControl module on a pty (or an inherited fd), or on a TCP port,
+//! for tests, the benchmark and trying lucidgate without hardware.
 
 use std::io::Write;
+#[cfg(target_os = "linux")]
 use std::os::fd::{FromRawFd, OwnedFd};
+#[cfg(target_os = "linux")]
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
@@ -10,6 +12,7 @@ use anyhow::{Context, Result};
 
 use super::{EmulateArgs, runtime};
 use crate::emulator::{self, Module};
+#[cfg(target_os = "linux")]
 use crate::pty::Pty;
 
 pub(super) fn emulate(a: EmulateArgs) -> Result<i32> {
@@ -17,7 +20,50 @@ pub(super) fn emulate(a: EmulateArgs) -> Result<i32> {
     module.silent = a.silent;
     module.ignore_first = a.ignore_first;
     module.answer_delay = std::time::Duration::from_millis(a.answer_delay_ms);
-    serve(&a.class, module, a.link, a.fd)
+    if let Some(addr) = a.listen {
+        return serve_tcp(&a.class, module, addr);
+    }
+    #[cfg(target_os = "linux")]
+    return serve(&a.class, module, a.link, a.fd);
+    #[cfg(not(target_os = "linux"))]
+    anyhow::bail!("here the emulated module is served on a TCP port: give --listen 127.0.0.1:PORT")
+}
+
+/// Serves `module` to TCP clients on `addr` until a stop signal; prints the address on stdout.
+fn serve_tcp(class: &str, module: Module, addr: std::net::SocketAddr) -> Result<i32> {
+    let usb_serial = module.identity.usb_serial();
+    let shared = emulator::Shared::new(module);
+    let rt = runtime()?;
+    let mut stop = {
+        let _guard = rt.enter();
+        crate::stop::StopSignal::install()?
+    };
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    let bound = listener.local_addr().context("the listening address")?;
+    eprintln!("emulating LucidControl {class} {usb_serial} on tcp {bound}; Ctrl-C stops");
+    println!("{bound}");
+    let _ = std::io::stdout().flush();
+    let stop_flag = shared.stop.clone();
+    let counters = shared.counters.clone();
+    let worker = std::thread::spawn(move || emulator::serve_tcp(listener, shared));
+    rt.block_on(stop.recv());
+    stop_flag.store(true, Ordering::Relaxed);
+    match worker.join() {
+        Ok(r) => r?,
+        Err(_) => anyhow::bail!("the emulator thread panicked"),
+    }
+    print_counters(&counters);
+    Ok(0)
+}
+
+/// What the module saw, for scripts and tests (e.g. that a refused write never arrived).
+fn print_counters(counters: &emulator::Counters) {
+    println!(
+        "requests {} writes {}",
+        counters.requests.load(Ordering::Relaxed),
+        counters.writes.load(Ordering::Relaxed)
+    );
 }
 
 pub(super) fn module_for(class: &str, serial: Option<String>) -> Result<Module> {
@@ -40,19 +86,16 @@ pub(super) fn module_for(class: &str, serial: Option<String>) -> Result<Module> 
 }
 
 /// Serves `module` on a new pty (linked at `link`) or on the inherited `fd` until a signal.
+#[cfg(target_os = "linux")]
 fn serve(class: &str, module: Module, link: Option<PathBuf>, fd: Option<i32>) -> Result<i32> {
     let usb_serial = module.identity.usb_serial();
     let shared = emulator::Shared::new(module);
     // Signal handlers first: a SIGTERM that comes as soon as the link exists must still end
     // the emulator cleanly (and remove the link), not by the default action.
     let rt = runtime()?;
-    let (mut term, mut int) = {
-        use tokio::signal::unix::{SignalKind, signal};
+    let mut stop = {
         let _guard = rt.enter();
-        (
-            signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
-            signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
-        )
+        crate::stop::StopSignal::install()?
     };
     let (master, _pty) = match fd {
         Some(fd) => {
@@ -92,22 +135,15 @@ fn serve(class: &str, module: Module, link: Option<PathBuf>, fd: Option<i32>) ->
     // Tell scripts where the module is, on stdout.
     println!("{where_}");
     let _ = std::io::stdout().flush();
-    let stop = shared.stop.clone();
+    let stop_flag = shared.stop.clone();
     let counters = shared.counters.clone();
     let worker = std::thread::spawn(move || emulator::serve_fd(master, shared));
-    rt.block_on(async {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    });
-    stop.store(true, Ordering::Relaxed);
+    rt.block_on(stop.recv());
+    stop_flag.store(true, Ordering::Relaxed);
     match worker.join() {
         Ok(r) => r?,
         Err(_) => anyhow::bail!("the emulator thread panicked"),
     }
-    // What the module saw, for scripts and tests (e.g. that a refused write never arrived).
-    println!(
-        "requests {} writes {}",
-        counters.requests.load(Ordering::Relaxed),
-        counters.writes.load(Ordering::Relaxed)
-    );
+    print_counters(&counters);
     Ok(0)
 }

@@ -2,11 +2,15 @@
 //! family lives in a file of its own (like ripgrep's thin `main`, its logic elsewhere).
 
 mod attach;
+#[cfg(target_os = "linux")]
 mod cert;
 mod config;
 mod emulate;
+#[cfg(target_os = "linux")]
 mod provision;
+#[cfg(target_os = "linux")]
 mod serve;
+#[cfg(target_os = "linux")]
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +19,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
+#[cfg(target_os = "linux")]
 use crate::control::Command;
 
 #[derive(Debug, Parser)]
@@ -39,12 +44,16 @@ struct Cli {
     /// Where logs go: journald when started by systemd (auto), or stderr.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     pub(crate) log: crate::logging::LogTarget,
+    /// Append log lines to this file instead (e.g. for lucidgate.exe run without a console).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) log_file: Option<PathBuf>,
     #[command(subcommand)]
     pub(crate) command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    #[cfg(target_os = "linux")]
     /// Run the daemon: serve every LucidControl module that is plugged in.
     Serve {
         /// Also serve an emulated AO4 module on a pty (try lucidgate without hardware).
@@ -54,12 +63,14 @@ enum Cmd {
         #[arg(long)]
         no_udev: bool,
     },
+    #[cfg(target_os = "linux")]
     /// Make the running daemon re-read its config (as `systemctl reload lucidgate`).
     Reload {
         /// Control socket (default: control_socket of the config).
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
     },
+    #[cfg(target_os = "linux")]
     /// Show the modules the running daemon serves.
     Status {
         /// Print JSON instead of a table.
@@ -74,6 +85,7 @@ enum Cmd {
         /// The module's serial number, e.g. 11001001FA480000.
         serial: String,
     },
+    #[cfg(target_os = "linux")]
     /// Manage the built-in CA and client certificates.
     Cert {
         #[command(subcommand)]
@@ -90,6 +102,7 @@ enum Cmd {
         after_help = "Examples:\n  lucidgate attach pi.local:4216 --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach 11001001FA480000@pi.local --link /dev/lio0 --ca ca.crt --cert me.pem\n  lucidgate attach 11001001FA480000 --link /dev/lio0 --ca ca.crt --cert me.pem   # found by mDNS\n  lucidgate attach --config /etc/lucidgate/attach/lio0.toml   # [[port]] entries, see docs/attach.md"
     )]
     Attach(Box<AttachArgs>),
+    #[cfg(target_os = "linux")]
     /// Certificate provisioning from a USB stick: run it by hand on an image or block device,
     /// or set the token requests must carry.
     #[command(
@@ -134,6 +147,10 @@ pub struct EmulateArgs {
     /// Serve an inherited file descriptor instead of a new pty (for test harnesses).
     #[arg(long, value_name = "FD", conflicts_with = "link")]
     pub fd: Option<i32>,
+    /// Serve TCP clients on this address instead of a pty (one at a time, as a module's one
+    /// line; port 0 picks a free one, printed on stdout). The only way on Windows.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["link", "fd"])]
+    pub listen: Option<std::net::SocketAddr>,
     /// Never answer (a hung module).
     #[arg(long)]
     pub silent: bool,
@@ -200,6 +217,7 @@ struct AttachArgs {
     pub(crate) mdns_interfaces: Vec<String>,
 }
 
+#[cfg(target_os = "linux")]
 #[derive(Debug, Subcommand)]
 enum ProvisionCmd {
     /// Set the provisioning token (stored only as a salted hash in the config file). Without
@@ -214,6 +232,7 @@ enum ProvisionCmd {
     },
 }
 
+#[cfg(target_os = "linux")]
 #[derive(Debug, Subcommand)]
 enum CertCmd {
     /// Issue a client certificate: NAME.key, NAME.crt, NAME.pem (key + cert, for socat's cert=)
@@ -261,6 +280,7 @@ enum CertCmd {
 enum ConfigCmd {
     /// Validate the config and print the effective settings.
     Check,
+    #[cfg(target_os = "linux")]
     /// Turn a ser2net config (4.x YAML or 3.x ser2net.conf) into module port overrides, so
     /// existing clients keep their ports. Prints TOML to add to lucidgate.toml.
     ImportSer2net {
@@ -271,7 +291,7 @@ enum ConfigCmd {
 
 pub fn main() -> Result<i32> {
     let cli = Cli::parse();
-    crate::logging::init(&cli.log_level, cli.log);
+    crate::logging::init(&cli.log_level, cli.log, cli.log_file.as_deref());
     run(cli)
 }
 
@@ -294,10 +314,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> Result<i32> {
     let c = &cli.config;
     match cli.command {
+        #[cfg(target_os = "linux")]
         Cmd::Serve { demo, no_udev } => serve::serve(c, demo, no_udev),
+        #[cfg(target_os = "linux")]
         Cmd::Reload { socket } => status::reload(c, socket),
+        #[cfg(target_os = "linux")]
         Cmd::Status { json, socket } => status::status(c, json, socket),
         Cmd::Port { serial } => config::port(c, &serial),
+        #[cfg(target_os = "linux")]
         Cmd::Config {
             action: ConfigCmd::ImportSer2net { file },
         } => config::import_ser2net(&file),
@@ -315,10 +339,12 @@ fn run(cli: Cli) -> Result<i32> {
             json,
         ),
         Cmd::Emulate(a) => emulate::emulate(a),
+        #[cfg(target_os = "linux")]
         Cmd::Cert { action } => {
             let (cfg, _) = load_config(c)?;
             cert::cert(&cfg, action)
         }
+        #[cfg(target_os = "linux")]
         Cmd::Provision { path, action } => provision::provision(c, path, action),
     }
 }
@@ -331,6 +357,7 @@ fn describe_config_path(path: &Path) -> String {
     }
 }
 
+#[cfg(target_os = "linux")]
 /// Tells a running daemon (if its socket is there) that `what` changed; says whether it heard.
 fn tell_daemon(socket: &Path, command: Command, what: &str, otherwise: &str) -> Result<()> {
     if !socket.exists() {
@@ -343,6 +370,7 @@ fn tell_daemon(socket: &Path, command: Command, what: &str, otherwise: &str) -> 
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
 /// Tells a running daemon that the PKI changed (it would notice at its next PKI check anyway).
 fn tell_daemon_pki(socket: &Path) -> Result<()> {
     tell_daemon(

@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use check::{MAX_SERIAL_LEN, check_serial, parse_duration, parse_net};
+#[cfg(target_os = "linux")]
+pub(crate) use check::{MAX_SERIAL_LEN, parse_duration};
+pub(crate) use check::{check_serial, parse_net};
 use locate::find_line;
 pub use locate::parse_toml;
 pub(crate) use locate::read_text;

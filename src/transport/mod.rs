@@ -5,16 +5,23 @@
 //! slots in as another variant, so the relay's pump and client policy never know which one
 //! they talk to.
 
+#[cfg(target_os = "linux")]
 pub(crate) mod pki_task;
+#[cfg(target_os = "linux")]
 pub(crate) mod tls;
 
+#[cfg(target_os = "linux")]
 use std::io;
+#[cfg(target_os = "linux")]
 use std::net::SocketAddr;
+#[cfg(target_os = "linux")]
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+#[cfg(target_os = "linux")]
 use tokio::net::TcpStream;
 
+#[cfg(target_os = "linux")]
 use tls::TlsAccept;
 
 /// A connected client's byte stream, whatever the transport.
@@ -22,6 +29,7 @@ pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
 
 /// A client that passed the transport's checks.
+#[cfg(target_os = "linux")]
 pub(crate) struct Accepted {
     pub(crate) stream: Box<dyn ClientStream>,
     pub(crate) peer: SocketAddr,
@@ -31,6 +39,7 @@ pub(crate) struct Accepted {
     pub(crate) read_only: bool,
 }
 
+#[cfg(target_os = "linux")]
 impl std::fmt::Debug for Accepted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Accepted")
@@ -41,6 +50,7 @@ impl std::fmt::Debug for Accepted {
 }
 
 /// Why a connection was not accepted.
+#[cfg(target_os = "linux")]
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TransportError {
     #[error("handshake with {peer} did not finish within {timeout:?}")]
@@ -56,6 +66,7 @@ pub(crate) enum TransportError {
     },
 }
 
+#[cfg(target_os = "linux")]
 impl TransportError {
     /// The client name (certificate subject) involved, if known.
     pub(crate) fn client_name(&self) -> Option<&str> {
@@ -67,6 +78,7 @@ impl TransportError {
 }
 
 /// How a relay talks to its clients.
+#[cfg(target_os = "linux")]
 #[derive(Clone, Debug)]
 pub(crate) enum Transport {
     /// Raw bytes over TCP.
@@ -75,6 +87,7 @@ pub(crate) enum Transport {
     Tls(TlsAccept),
 }
 
+#[cfg(target_os = "linux")]
 impl Transport {
     /// Completes the transport's handshake on a fresh connection, within `timeout`.
     pub(crate) async fn accept(
