@@ -11,7 +11,8 @@
 //!
 //! The device server is Linux only. On other systems (Windows: `lucidgate.exe`) the crate is
 //! the client side: `attach --listen`, `discover`, `port`, `config check` and
-//! `emulate --listen`; the server's modules are compiled out (`cfg(target_os = "linux")`).
+//! `emulate --listen`, and on Windows [`service`] runs the attach as a Windows service; the
+//! server's modules are compiled out (`cfg(target_os = "linux")`).
 
 // The library's public surface is what the binary, the tests, the benchmark and the fuzz targets
 // use; the rest is crate-private, and these docs (read with `cargo doc --document-private-items`)
@@ -56,6 +57,8 @@ pub mod provision;
 pub mod pty;
 #[cfg(target_os = "linux")]
 pub mod relay;
+#[cfg(windows)]
+mod service;
 #[cfg(target_os = "linux")]
 mod state;
 #[cfg(target_os = "linux")]

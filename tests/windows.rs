@@ -1,7 +1,8 @@
 //! lucidgate.exe (the client side built for Windows) under wine, against a Linux
 //! `lucidgate serve` with an emulated module on loopback: `attach --listen` over mTLS, byte for
 //! byte, through a server restart; a foreign CA's clear error; `emulate --listen`; `discover`
-//! of a module announced by mDNS on loopback (wine's sockets carry it).
+//! of a module announced by mDNS on loopback (wine's sockets carry it); `service install`
+//! under wine's Service Control Manager.
 //!
 //! Run by `scripts/test-windows`, which builds the .exe and sets `LUCIDGATE_EXE` and
 //! `WINEPREFIX`; the tests are `#[ignore]`d in a plain `cargo test` (no .exe there), never
@@ -303,4 +304,113 @@ fn exe_discover_finds_a_module_announced_on_loopback() {
     assert_eq!(m["port"], port, "{m}");
     assert_eq!(m["host"], "lucidgate-wine.local", "{m}");
     assert_eq!(m["transport"], "mtls", "{m}");
+}
+
+/// The installed service's name in these tests (not the default, so a developer's own
+/// wine prefix keeps its `lucidgate-attach`).
+const SERVICE: &str = "lucidgate-wine-test";
+
+/// Removes the test service however a test ends (a failed assertion must not leave it
+/// running in the wine prefix for the next test).
+struct ServiceGuard;
+
+impl Drop for ServiceGuard {
+    fn drop(&mut self) {
+        let _ = wine(&["service", "uninstall", "--name", SERVICE]).output();
+    }
+}
+
+#[test]
+#[ignore = "needs lucidgate.exe and wine: scripts/test-windows runs it"]
+fn exe_runs_the_attach_as_a_windows_service() {
+    let (_d, _emu, port, dir) = mtls_daemon();
+    let certs = issue_client(&_d, "winsvc", &["--modules", AO4]);
+    let local = free_port();
+    let config = dir.path().join("attach.toml");
+    // The config names Windows paths, as on a PC (wine's Z: is /).
+    std::fs::write(
+        &config,
+        format!(
+            "ca = '{}'\ncert = '{}'\nretry_max_ms = 500\n\n[[port]]\ntarget = \"127.0.0.1:{port}\"\nlisten = \"127.0.0.1:{local}\"\n",
+            win_path(&certs.join("ca.crt")),
+            win_path(&certs.join("winsvc.pem")),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("service.log");
+    let _guard = ServiceGuard;
+    let _ = wine(&["service", "uninstall", "--name", SERVICE]).output();
+
+    // A config with a mistake is refused at install, with its file and line; nothing is
+    // registered.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[port]]\ntarget = 4216\n").unwrap();
+    let out = wine(&[
+        "--config",
+        &win_path(&bad),
+        "service",
+        "install",
+        "--name",
+        SERVICE,
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(err.contains("bad.toml") && err.contains("line 2"), "{err}");
+    let out = wine(&["service", "uninstall", "--name", SERVICE])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is it installed?"),
+        "{out:?}"
+    );
+
+    // Installed (and started) by the Service Control Manager: the local port works, byte for
+    // byte, and the log goes to the file (a service has no console).
+    let out = wine(&[
+        "--config",
+        &win_path(&config),
+        "--log-file",
+        &win_path(&log),
+        "service",
+        "install",
+        "--name",
+        SERVICE,
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{SERVICE} is running")),
+        "{out:?}"
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let answer = wait_until("GetId through the service", || {
+        let mut s = TcpStream::connect(("127.0.0.1", local)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Some(ask(&mut s, &GET_ID))
+    });
+    assert_eq!(answer, get_id_answer(AO4), "{}", read_log());
+    let begun = Instant::now();
+    while !read_log().contains("connected to") {
+        assert!(begun.elapsed() < PATIENCE, "no connect in {}", read_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(read_log().contains(&format!("service {SERVICE} running")));
+
+    // Uninstall stops it first: the port closes, the log says why.
+    let out = wine(&["service", "uninstall", "--name", SERVICE])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        TcpStream::connect(("127.0.0.1", local)).is_err(),
+        "the local port is still open after uninstall"
+    );
+    let l = read_log();
+    assert!(
+        l.contains("service stop: ") && l.contains(&format!("service {SERVICE} stopped")),
+        "{l}"
+    );
 }

@@ -10,6 +10,8 @@ mod emulate;
 mod provision;
 #[cfg(target_os = "linux")]
 mod serve;
+#[cfg(windows)]
+mod service;
 #[cfg(target_os = "linux")]
 mod status;
 
@@ -130,6 +132,46 @@ enum Cmd {
     },
     /// Emulate a LucidControl module on a pseudo-terminal.
     Emulate(EmulateArgs),
+    #[cfg(windows)]
+    /// Run `attach --config FILE` as a Windows service (started at boot, restarted on failure,
+    /// logging to a file).
+    #[command(
+        after_help = "Examples (from an administrator prompt):\n  lucidgate service install --config C:\\ProgramData\\lucidgate\\attach.toml\n  lucidgate service uninstall\nSee docs/windows.md."
+    )]
+    Service {
+        #[command(subcommand)]
+        action: ServiceCmd,
+    },
+}
+
+#[cfg(windows)]
+#[derive(Debug, Subcommand)]
+enum ServiceCmd {
+    /// Register the service for the attach config given with --config (checked first) and
+    /// start it. The log goes to --log-file, by default NAME.log beside the config.
+    Install {
+        /// Service name (several services, each with its own config, can be installed).
+        #[arg(long, default_value = crate::service::DEFAULT_NAME)]
+        name: String,
+        /// Account the service runs as; it must be able to read the certificate files.
+        #[arg(long, default_value = crate::service::DEFAULT_ACCOUNT)]
+        account: String,
+        /// Register only; start it later with `sc start NAME` (or at the next boot).
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Stop the service and remove it.
+    Uninstall {
+        /// Service name.
+        #[arg(long, default_value = crate::service::DEFAULT_NAME)]
+        name: String,
+    },
+    /// What the Service Control Manager starts (not for use by hand).
+    #[command(hide = true)]
+    Run {
+        #[arg(long, default_value = crate::service::DEFAULT_NAME)]
+        name: String,
+    },
 }
 
 /// `lucidgate emulate` options.
@@ -339,6 +381,8 @@ fn run(cli: Cli) -> Result<i32> {
             json,
         ),
         Cmd::Emulate(a) => emulate::emulate(a),
+        #[cfg(windows)]
+        Cmd::Service { action } => service::service(action, c.as_deref(), cli.log_file),
         #[cfg(target_os = "linux")]
         Cmd::Cert { action } => {
             let (cfg, _) = load_config(c)?;
