@@ -338,6 +338,22 @@ fn exe_runs_the_attach_as_a_windows_service() {
     )
     .unwrap();
     let log = dir.path().join("service.log");
+    // wine ends its session, services included, about a second after the last program in it
+    // exits (measured: the installed service's port closed 1.5 s after `service install`
+    // returned); Windows keeps services running with nobody logged in. A program kept running
+    // for the test stands in for that: without it the service dies with the installer.
+    let _session = WinProcess::start(
+        wine(&[
+            "emulate",
+            "--class",
+            "DI4",
+            "--serial",
+            DI4,
+            "--listen",
+            "127.0.0.1:0",
+        ]),
+        dir.path().join("session.log"),
+    );
     let _guard = ServiceGuard;
     let _ = wine(&["service", "uninstall", "--name", SERVICE]).output();
 
@@ -386,11 +402,19 @@ fn exe_runs_the_attach_as_a_windows_service() {
         "{out:?}"
     );
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let answer = wait_until("GetId through the service", || {
-        let mut s = TcpStream::connect(("127.0.0.1", local)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Some(ask(&mut s, &GET_ID))
-    });
+    let begun = Instant::now();
+    let answer = loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", local)) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            break ask(&mut s, &GET_ID);
+        }
+        assert!(
+            begun.elapsed() < PATIENCE * 3,
+            "the service's port 127.0.0.1:{local} did not open; its log:\n{}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(answer, get_id_answer(AO4), "{}", read_log());
     let begun = Instant::now();
     while !read_log().contains("connected to") {
