@@ -17,6 +17,11 @@ use std::time::{Duration, Instant};
 use lucidgate::emulator::{self, Module};
 use lucidgate::pty::Pty;
 
+#[path = "relay/goals.rs"]
+mod goals;
+#[path = "relay/instructions.rs"]
+mod instructions;
+
 /// How long a server may take to accept connections after it was started.
 const START_PATIENCE: Duration = Duration::from_secs(10);
 /// A bulk transfer that makes no progress for this long is reported as stalled.
@@ -28,6 +33,9 @@ const GET_IO: [u8; 4] = [0x46, 0x00, 0x1D, 0x00];
 
 struct Mode {
     full: bool,
+    /// Round trips and bytes each way counted by callgrind.
+    instr_requests: usize,
+    instr_bytes: usize,
     rtt_requests: usize,
     bulk_bytes: usize,
     module_counts: Vec<usize>,
@@ -146,6 +154,29 @@ impl Kind {
 
 /// Starts a server; `Err` (with its stderr) when it does not come up, so the run goes on.
 fn start(kind: Kind, modules: &[&Path], base: u16, extra_config: &str) -> Result<Server, String> {
+    start_under(kind, modules, base, extra_config, &[])
+}
+
+/// `program` run under `under` (e.g. valgrind and its options), or directly when it is empty.
+fn command(program: impl AsRef<std::ffi::OsStr>, under: &[String]) -> Command {
+    match under.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// `start`, with every server process run under `under`.
+fn start_under(
+    kind: Kind,
+    modules: &[&Path],
+    base: u16,
+    extra_config: &str,
+    under: &[String],
+) -> Result<Server, String> {
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..modules.len()).map(|i| base + i as u16).collect();
     let mut children = Vec::new();
@@ -169,7 +200,7 @@ fn start(kind: Kind, modules: &[&Path], base: u16, extra_config: &str) -> Result
             }
             std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
             children.push(
-                Command::new(lucidgate_bin())
+                command(lucidgate_bin(), under)
                     .args(["--log-level", "warn", "-c"])
                     .arg(dir.path().join("c.toml"))
                     .args(["serve", "--no-udev"])
@@ -182,7 +213,7 @@ fn start(kind: Kind, modules: &[&Path], base: u16, extra_config: &str) -> Result
         Kind::Socat => {
             for (i, m) in modules.iter().enumerate() {
                 children.push(
-                    Command::new("socat")
+                    command("socat", under)
                         .arg(format!(
                             "tcp-l:{},fork,reuseaddr,nodelay,bind=127.0.0.1",
                             ports[i]
@@ -210,7 +241,7 @@ fn start(kind: Kind, modules: &[&Path], base: u16, extra_config: &str) -> Result
             let cfg = dir.path().join("ser2net.yaml");
             std::fs::write(&cfg, yaml).unwrap();
             children.push(
-                Command::new("ser2net")
+                command("ser2net", under)
                     .args(["-n", "-u", "-c"])
                     .arg(&cfg)
                     .arg("-P")
@@ -320,6 +351,27 @@ fn settle(s: &Server) {
     }
 }
 
+/// CPU time (ns, from the scheduler's accounting) of every thread of the server's live
+/// processes: precise where `tree_cpu`'s clock ticks (10 ms) are too coarse for one transfer.
+fn server_cpu_ns(s: &Server) -> u64 {
+    let mut total = 0;
+    let mut stack = server_pids(s);
+    while let Some(p) = stack.pop() {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                total += std::fs::read_to_string(t.path().join("schedstat"))
+                    .ok()
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        if let Ok(c) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
+            stack.extend(c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+        }
+    }
+    total
+}
+
 fn server_pids(s: &Server) -> Vec<u32> {
     s.children.iter().map(|c| c.id()).collect()
 }
@@ -377,7 +429,17 @@ fn rtt_stats(sorted: &[Duration]) -> Rtt {
 /// Bulk transfer through a relay between a TCP client and the pty master directly.
 /// Returns MB/s or None when it stalled.
 fn bulk(port: u16, pty: &Pty, bytes: usize, up: bool, down: bool) -> (Option<f64>, Option<f64>) {
-    let client = tcp(port);
+    bulk_on(&tcp(port), pty, bytes, up, down)
+}
+
+/// `bulk` over a connection that stays open afterwards.
+fn bulk_on(
+    client: &TcpStream,
+    pty: &Pty,
+    bytes: usize,
+    up: bool,
+    down: bool,
+) -> (Option<f64>, Option<f64>) {
     let master_r = std::fs::File::from(pty.master.try_clone().unwrap());
     let master_w = std::fs::File::from(pty.master.try_clone().unwrap());
     let stalled = Arc::new(AtomicBool::new(false));
@@ -456,9 +518,11 @@ fn bulk(port: u16, pty: &Pty, bytes: usize, up: bool, down: bool) -> (Option<f64
     let mbps = |d: Option<Duration>| d.map(|d| bytes as f64 / d.as_secs_f64() / 1e6);
     let u = up_reader.map(|h| h.join().unwrap()).unwrap_or(None);
     let d = down_reader.map(|h| h.join().unwrap()).unwrap_or(None);
-    drop(client);
-    for t in threads {
+    if (up && u.is_none()) || (down && d.is_none()) {
         // Writers blocked on a stalled peer end when the connection closes.
+        let _ = client.shutdown(std::net::Shutdown::Both);
+    }
+    for t in threads {
         let _ = t.join();
     }
     (mbps(u), mbps(d))
@@ -467,6 +531,9 @@ fn bulk(port: u16, pty: &Pty, bytes: usize, up: bool, down: bool) -> (Option<f64
 #[derive(Default, serde::Serialize)]
 struct Row {
     server: String,
+    /// CPU time of the server's process tree per round trip and per MiB uploaded (µs).
+    cpu_us_per_request: Option<f64>,
+    cpu_us_per_mib_up: Option<f64>,
     rtt_p50_us: Option<f64>,
     rtt_p99_us: Option<f64>,
     rtt_p999_us: Option<f64>,
@@ -491,6 +558,10 @@ struct Report {
     date: String,
     machine: String,
     mode: String,
+    pinned: bool,
+    /// Round trip straight on the emulator's pty, no relay (the floor every relay adds to).
+    bare_pty_rtt_p50_us: Option<f64>,
+    instructions: Vec<instructions::InstrRow>,
     single: Vec<Row>,
     scale: Vec<ScaleRow>,
     hotplug_add_ms: Option<Vec<f64>>,
@@ -511,6 +582,17 @@ fn single_module(mode: &Mode, r: &mut Report) {
     let raw = Pty::open().unwrap();
     let mut raw = raw;
     raw.link(&dir.path().join("raw")).unwrap();
+    {
+        let mut tty = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(emu.path())
+            .unwrap();
+        round_trips(&mut tty, mode.rtt_requests / 10);
+        let p50 = rtt_stats(&round_trips(&mut tty, mode.rtt_requests)).p50;
+        eprintln!("{:<28} rtt p50 {p50:>8.1} us", "bare pty (no relay)");
+        r.bare_pty_rtt_p50_us = Some(p50);
+    }
     let kinds = [
         Kind::Lucidgate,
         Kind::Socat,
@@ -534,7 +616,10 @@ fn single_module(mode: &Mode, r: &mut Report) {
             };
             let mut c = tcp(s.ports[0]);
             round_trips(&mut c, mode.rtt_requests / 10); // warm-up
+            let cpu0 = server_cpu_ns(&s);
             let lat = round_trips(&mut c, mode.rtt_requests);
+            row.cpu_us_per_request =
+                Some((server_cpu_ns(&s) - cpu0) as f64 / 1e3 / mode.rtt_requests as f64);
             let st = rtt_stats(&lat);
             (row.rtt_p50_us, row.rtt_p99_us, row.rtt_p999_us) =
                 (Some(st.p50), Some(st.p99), Some(st.p999));
@@ -556,7 +641,15 @@ fn single_module(mode: &Mode, r: &mut Report) {
                 r.single.push(row);
                 continue;
             };
-            let (u, _) = bulk(s.ports[0], &raw, mode.bulk_bytes, true, false);
+            let c = tcp(s.ports[0]);
+            let cpu0 = server_cpu_ns(&s);
+            let (u, _) = bulk_on(&c, &raw, mode.bulk_bytes, true, false);
+            row.cpu_us_per_mib_up = u.map(|_| {
+                (server_cpu_ns(&s) - cpu0) as f64
+                    / 1e3
+                    / (mode.bulk_bytes as f64 / (1 << 20) as f64)
+            });
+            drop(c);
             settle(&s);
             drain(&raw);
             let (_, d) = bulk(s.ports[0], &raw, mode.bulk_bytes, false, true);
@@ -949,6 +1042,15 @@ fn idle(mode: &Mode, r: &mut Report) {
     r.idle_wakeups_per_s_16 = Some(wps);
 }
 
+/// The output files' name: the pinned run is kept beside the unpinned one.
+fn stem(r: &Report) -> &'static str {
+    if r.pinned {
+        "benchmarks-pinned"
+    } else {
+        "benchmarks"
+    }
+}
+
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}"))
         .unwrap_or_else(|| "stalled".into())
@@ -956,25 +1058,36 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 
 fn markdown(r: &Report) -> String {
     let mut md = String::new();
-    md.push_str("# Benchmarks\n\n");
+    md.push_str(if r.pinned {
+        "# Benchmarks, pinned to one CPU\n\n"
+    } else {
+        "# Benchmarks\n\n"
+    });
     md.push_str(&format!(
-        "Measured {} on {} with `cargo bench --bench relay -- --full --out docs`, all servers in one run,\n\
+        "Measured {} on {} with `cargo bench --bench relay -- --full{} --out docs`, all servers in one run,\n\
          in front of the same module emulator on ptys, with the same client. Shared machines are noisy:\n\
-         read the ratios, not the absolute numbers. Goals, profile and before/after: [performance.md](performance.md).\n\n",
-        r.date, r.machine
+         read the ratios, not the absolute numbers. Goals, profile and before/after: [performance.md](performance.md).{}\n\n",
+        r.date,
+        r.machine,
+        if r.pinned { " --pinned" } else { "" },
+        if r.pinned {
+            "\nPinned: servers, clients and emulators all on CPU 0 (a relay cannot hide work on another core)."
+        } else {
+            ""
+        }
     ));
     let lg = r.single.iter().find(|x| x.server == "lucidgate");
     md.push_str(
         "## One module: round trip (GetIo, 4-byte request, 6-byte answer) and bulk throughput\n\n",
     );
-    md.push_str("| server | p50 µs | p99 µs | p99.9 µs | p50 vs lucidgate | up MB/s | down MB/s | duplex up/down MB/s |\n|---|---:|---:|---:|---:|---:|---:|---|\n");
+    md.push_str("| server | p50 µs | p99 µs | p99.9 µs | p50 vs lucidgate | up MB/s | down MB/s | duplex up/down MB/s | CPU µs / request | CPU µs / MiB up |\n|---|---:|---:|---:|---:|---:|---:|---|---:|---:|\n");
     for row in &r.single {
         let ratio = match (row.rtt_p50_us, lg.and_then(|l| l.rtt_p50_us)) {
             (Some(a), Some(b)) => format!("{:.2}x", a / b),
             _ => "-".into(),
         };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {ratio} | {} | {} | {} / {} |\n",
+            "| {} | {} | {} | {} | {ratio} | {} | {} | {} / {} | {} | {} |\n",
             row.server,
             fmt_opt(row.rtt_p50_us, 1),
             fmt_opt(row.rtt_p99_us, 1),
@@ -983,9 +1096,16 @@ fn markdown(r: &Report) -> String {
             fmt_opt(row.down_mb_s, 2),
             fmt_opt(row.duplex_up_mb_s, 2),
             fmt_opt(row.duplex_down_mb_s, 2),
+            fmt_opt(row.cpu_us_per_request, 1),
+            fmt_opt(row.cpu_us_per_mib_up, 0),
         ));
     }
-    md.push_str("\n\"stalled\": no progress for 5 s (a full-duplex bulk transfer that deadlocks).\n\n![round-trip distributions](benchmarks-rtt.png)\n\n");
+    if let Some(b) = r.bare_pty_rtt_p50_us {
+        md.push_str(&format!(
+            "\nBare pty (the emulator's pty opened directly, no relay): p50 {b:.1} µs. CPU: the server's process tree, scheduler accounting.\n"
+        ));
+    }
+    md.push_str(&format!("\n\"stalled\": no progress for 5 s (a full-duplex bulk transfer that deadlocks).\n\n![round-trip distributions]({}-rtt.png)\n\n", stem(r)));
     md.push_str("## Many modules\n\nAll modules loaded at once, one client each. RSS and CPU of the whole server process tree (socat: one process per module).\n\n");
     md.push_str("| server | modules | processes | RSS kB | CPU ms / 10k requests | p99 µs under load |\n|---|---:|---:|---:|---:|---:|\n");
     for s in &r.scale {
@@ -1019,6 +1139,28 @@ fn markdown(r: &Report) -> String {
             g("lucidgate_mtls_rtt_p50_us") / g("lucidgate_plain_rtt_p50_us"),
         ));
     }
+    if !r.instructions.is_empty() {
+        md.push_str("\n## Instructions (callgrind)\n\nUser-space instructions of the server's processes, counted by `valgrind --tool=callgrind` between a zero and a dump on an open connection after a warm-up (start-up, connection set-up and shutdown left out; socat's per-connection fork counted). Independent of how busy the machine is; the kernel's work in syscalls is not included.\n\n| server | per request (GetIo) | per MiB up | per MiB down | per request vs lucidgate | per MiB up vs lucidgate |\n|---|---:|---:|---:|---:|---:|\n");
+        let lg = r.instructions.iter().find(|x| x.server == "lucidgate");
+        for x in &r.instructions {
+            let ratio = |a: Option<f64>, b: Option<f64>| {
+                a.zip(b)
+                    .map(|(a, b)| format!("{:.2}x", a / b))
+                    .unwrap_or_else(|| "-".into())
+            };
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                x.server,
+                fmt_opt(x.per_request, 0),
+                fmt_opt(x.per_mib_up, 0),
+                fmt_opt(x.per_mib_down, 0),
+                ratio(x.per_request, lg.and_then(|l| l.per_request)),
+                ratio(x.per_mib_up, lg.and_then(|l| l.per_mib_up)),
+            ));
+        }
+    }
+    md.push_str("\n## Goals (issue 21)\n\n");
+    md.push_str(&goals::markdown(&goals::goals(r)));
     if !r.failures.is_empty() {
         md.push_str("\n## Servers that did not start\n\n");
         for f in &r.failures {
@@ -1096,11 +1238,11 @@ fn plot(r: &Report, out: &Path) {
         svg.push_str(&format!("<rect x='{}' y='{}' width='14' height='4' fill='{}'/><text x='{}' y='{}'>{name}</text>", ml + 10.0, 30.0 + i as f64 * 18.0, colors[i], ml + 30.0, 36.0 + i as f64 * 18.0));
     }
     svg.push_str("</svg>");
-    let svg_path = out.join("benchmarks-rtt.svg");
+    let svg_path = out.join(format!("{}-rtt.svg", stem(r)));
     std::fs::write(&svg_path, svg).unwrap();
     match Command::new("rsvg-convert")
         .arg("-o")
-        .arg(out.join("benchmarks-rtt.png"))
+        .arg(out.join(format!("{}-rtt.png", stem(r))))
         .arg(&svg_path)
         .status()
     {
@@ -1122,9 +1264,12 @@ fn main() {
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from);
+    let pinned = args.iter().any(|a| a == "--pinned");
     let mode = if full {
         Mode {
             full,
+            instr_requests: 5_000,
+            instr_bytes: 16 << 20,
             rtt_requests: 10_000,
             bulk_bytes: 16 << 20,
             module_counts: vec![1, 16, 64],
@@ -1134,6 +1279,8 @@ fn main() {
     } else {
         Mode {
             full,
+            instr_requests: 500,
+            instr_bytes: 2 << 20,
             rtt_requests: 500,
             bulk_bytes: 1 << 20,
             module_counts: vec![1, 4],
@@ -1141,6 +1288,15 @@ fn main() {
             out,
         }
     };
+    if pinned {
+        // Server, client and emulator on one CPU (`--pinned`): the fair measure of efficiency
+        // on a small board, where a relay cannot hide its work on another core.
+        // Children (servers) and threads (emulators, clients) inherit this.
+        let mut one = nix::sched::CpuSet::new();
+        one.set(0).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)
+            .expect("pinning the benchmark to CPU 0");
+    }
     for tool in ["socat", "ser2net"] {
         if Command::new(tool)
             .arg("-V")
@@ -1170,24 +1326,34 @@ fn main() {
                 .unwrap_or(1)
         ),
         mode: if full { "full".into() } else { "quick".into() },
+        pinned,
         ..Default::default()
     };
-    single_module(&mode, &mut r);
-    scale(&mode, &mut r);
-    hotplug(&mode, &mut r);
-    tls(&mode, &mut r);
-    idle(&mode, &mut r);
+    // `--instructions`: the callgrind counts alone (with BENCH_CALLGRIND_KEEP=DIR, to see
+    // where they go).
+    let only_instructions = args.iter().any(|a| a == "--instructions");
+    if !only_instructions {
+        single_module(&mode, &mut r);
+        scale(&mode, &mut r);
+        hotplug(&mode, &mut r);
+        tls(&mode, &mut r);
+        idle(&mode, &mut r);
+    }
+    instructions::instructions(&mode, &mut r);
     let md = markdown(&r);
     println!("{md}");
     if let Some(out) = &mode.out {
         std::fs::create_dir_all(out).unwrap();
-        std::fs::write(out.join("benchmarks.md"), &md).unwrap();
+        std::fs::write(out.join(format!("{}.md", stem(&r))), &md).unwrap();
         std::fs::write(
-            out.join("benchmarks.json"),
+            out.join(format!("{}.json", stem(&r))),
             serde_json::to_string_pretty(&r).unwrap(),
         )
         .unwrap();
         plot(&r, out);
+    }
+    if only_instructions {
+        return;
     }
     // Sanity, not goals: the runner must have measured something real.
     let lg = r
@@ -1196,5 +1362,6 @@ fn main() {
         .find(|x| x.server == "lucidgate")
         .expect("lucidgate measured");
     assert!(lg.rtt_p50_us.is_some() && lg.up_mb_s.is_some() && lg.down_mb_s.is_some());
+    eprintln!("goals:\n{}", goals::markdown(&goals::goals(&r)));
     eprintln!("bench: ok (mode {})", r.mode);
 }
