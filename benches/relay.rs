@@ -43,8 +43,12 @@ struct Mode {
     out: Option<PathBuf>,
 }
 
+/// The lucidgate measured: this build's, or `BENCH_LUCIDGATE=PATH` (another build, e.g. the
+/// tree before a change, measured by the same harness in the same conditions).
 fn lucidgate_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_lucidgate"))
+    std::env::var_os("BENCH_LUCIDGATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_lucidgate")))
 }
 
 /// A module emulator on a pty with a stable link name.
@@ -433,6 +437,38 @@ fn bulk(port: u16, pty: &Pty, bytes: usize, up: bool, down: bool) -> (Option<f64
 }
 
 /// `bulk` over a connection that stays open afterwards.
+/// A download starts as the module's answer to a request: the client sends GetIo and the
+/// "module" sees it arrive before it starts writing. Without this, the bytes a module writes
+/// before the relay has taken this client on belong to whoever the relay serves then: a
+/// previous client still lingering for its answers after a half-close gets them (a relay has
+/// no way to know they were meant for a client it has not accepted yet), and a full run
+/// reported that as a "down stall" (the first 2048 or 4095 bytes went to the previous client).
+fn request_reaches_module(client: &TcpStream, pty: &Pty) -> bool {
+    let mut c = client.try_clone().unwrap();
+    if c.write_all(&GET_IO).is_err() {
+        return false;
+    }
+    let mut m = std::fs::File::from(pty.master.try_clone().unwrap());
+    let mut got = [0u8; GET_IO.len()];
+    let mut have = 0;
+    while have < got.len() {
+        let mut fds = [nix::poll::PollFd::new(
+            m.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(STALL).unwrap()).unwrap_or(0)
+            == 0
+        {
+            return false;
+        }
+        match m.read(&mut got[have..]) {
+            Ok(n) if n > 0 => have += n,
+            _ => return false,
+        }
+    }
+    got == GET_IO
+}
+
 fn bulk_on(
     client: &TcpStream,
     pty: &Pty,
@@ -443,6 +479,9 @@ fn bulk_on(
     let master_r = std::fs::File::from(pty.master.try_clone().unwrap());
     let master_w = std::fs::File::from(pty.master.try_clone().unwrap());
     let stalled = Arc::new(AtomicBool::new(false));
+    if down && !request_reaches_module(client, pty) {
+        return (None, None);
+    }
     let t0 = Instant::now();
     let chunk = vec![0x5Au8; 4096];
     let mut threads = Vec::new();
@@ -1319,11 +1358,18 @@ fn main() {
         .unwrap_or_default();
     let mut r = Report {
         date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        // Online CPUs, not `available_parallelism` (1 once `--pinned` has set the affinity).
         machine: format!(
-            "{machine}, {} cores",
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
+            "{machine}, {} cores{}",
+            nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+                .ok()
+                .flatten()
+                .unwrap_or(1),
+            if pinned {
+                ", all work pinned to CPU 0"
+            } else {
+                ""
+            }
         ),
         mode: if full { "full".into() } else { "quick".into() },
         pinned,
